@@ -1,0 +1,309 @@
+"""``Decomposition``: every target layer of a model decomposed once; any rank map is a slice.
+
+Calibration statistics are collected in one pass when the object is built, and each layer's
+SVD is computed the first time it is needed and cached. ``build(ranks)`` then only slices
+cached factors and copies them into new modules, which is what lets a rank search afford a
+fresh model per trial.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any, Literal, Union
+
+import torch
+from torch import nn
+
+from lrsearch._errors import (
+    CalibrationError,
+    InvalidRankError,
+    UnknownLayerError,
+    UnsupportedLayerError,
+    format_problem,
+)
+from lrsearch.core._calibration import LayerStatistics, collect_statistics, spatial_gram
+from lrsearch.core._conv import CONV_SCHEMES, ConvRank, LowRankConv2d, check_conv_rank, conv_weight_matrix
+from lrsearch.core._cost import LayerGeometry, full_rank, geometry_of
+from lrsearch.core._factors import MatrixFactors, TuckerFactors, matrix_factors, tucker2_factors
+from lrsearch.core._linear import LowRankLinear, check_rank
+from lrsearch.core._runtime import ForwardFn
+from lrsearch.core._surgery import clone_with
+from lrsearch.core._targets import SUPPORTED_TYPES, Patterns, select_targets
+
+__all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "factorize"]
+
+DENSE = "dense"
+Method = Literal["svd", "whitened"]
+RankValue = Union[int, tuple[int, int], str]
+RankMap = Mapping[str, RankValue]
+Ranks = Union[int, float, RankMap]
+METHODS: tuple[str, ...] = ("svd", "whitened")
+
+
+class Decomposition:
+    """The decomposition of every target layer of ``model``, computed once and sliced per rank.
+
+    Args:
+        model: the trained model. It is never modified; keep it unchanged while this object
+            is in use, since factors are computed from its weights on first use.
+        method: ``"whitened"`` (data-aware: the exact rank-k optimum of each layer's output
+            error on the calibration inputs) or ``"svd"`` (plain truncated SVD of the weight).
+        calibration: an iterable of batches (a DataLoader, a list of tensors or of
+            ``(inputs, targets)`` tuples). Required for ``"whitened"``; with ``"svd"`` it is
+            optional and only records input shapes for the cost model.
+        forward: how a batch is fed to the model; default ``model(batch[0])`` for tuples,
+            ``model(batch)`` for tensors and ``model(**batch)`` for dicts.
+        target_types, target_modules, exclude_modules: which layers to decompose (see
+            :func:`lrsearch.core.select_targets`).
+        layers: restrict the targets to exactly these dotted names.
+        conv_scheme: default scheme of conv layers, or a map from layer name to scheme.
+        max_calibration_batches: stop the calibration pass after this many batches.
+        ridge: relative eigenvalue floor of the whitening statistics.
+    """
+
+    def __init__(self, model: nn.Module, *, method: Method = "whitened",
+                 calibration: Iterable[Any] | None = None, forward: ForwardFn | None = None,
+                 target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+                 target_modules: Patterns = None, exclude_modules: Patterns = None,
+                 layers: Collection[str] | None = None,
+                 conv_scheme: str | Mapping[str, str] = "channel",
+                 max_calibration_batches: int | None = None, ridge: float = 1e-6) -> None:
+        if method not in METHODS:
+            raise ValueError(format_problem(f"Unknown method {method!r}", expected=f"one of {list(METHODS)}"))
+        if not (isinstance(ridge, (int, float)) and ridge > 0 and math.isfinite(ridge)):
+            raise ValueError(format_problem("ridge must be a positive finite number", given=repr(ridge)))
+        if method == "whitened" and calibration is None:
+            raise CalibrationError(format_problem(
+                "method='whitened' needs calibration data", expected="calibration=<iterable of batches>",
+                hint="pass calibration=train_loader (a few hundred samples suffice), or method='svd'."))
+        self.model = model
+        self.method: Method = method
+        self.ridge = float(ridge)
+        selection = select_targets(model, target_types=target_types, target_modules=target_modules,
+                                   exclude_modules=exclude_modules)
+        self._skipped: dict[str, str] = dict(selection.skipped)
+        self._all_names = [name for name, _ in model.named_modules() if name]
+        targets = selection.targets
+        if layers is not None:
+            for name in layers:
+                self._check_known(name, targets)
+            targets = {name: module for name, module in targets.items() if name in set(layers)}
+        self._schemes = self._resolve_schemes(conv_scheme, targets)
+        self._stats: dict[str, LayerStatistics] = {}
+        if calibration is not None:
+            needs_gram = list(targets) if method == "whitened" else []
+            self._stats = collect_statistics(model, targets, calibration, covariance=needs_gram,
+                                             forward=forward, max_batches=max_calibration_batches)
+            for name, stats in self._stats.items():
+                if stats.calls == 0:
+                    self._skipped[name] = ("its forward() never ran during calibration; its parent "
+                                           "probably reads .weight directly, so it stays dense")
+            targets = {name: module for name, module in targets.items() if self._stats[name].calls}
+        if not targets:
+            raise UnsupportedLayerError(format_problem(
+                "No target layer can be factorized",
+                given="; ".join(f"{n}: {r}" for n, r in list(self._skipped.items())[:5]) or "no layers"))
+        self._targets: dict[str, nn.Module] = targets
+        self._factors: dict[tuple[str, str], MatrixFactors | TuckerFactors] = {}
+
+    def _resolve_schemes(self, conv_scheme: str | Mapping[str, str],
+                         targets: Mapping[str, nn.Module]) -> dict[str, str]:
+        mapping = conv_scheme if isinstance(conv_scheme, Mapping) else {}
+        for name in mapping:
+            self._check_known(name, targets)
+        schemes: dict[str, str] = {}
+        for name, module in targets.items():
+            if isinstance(module, nn.Linear):
+                schemes[name] = "linear"
+                continue
+            scheme = mapping.get(name, "channel") if isinstance(conv_scheme, Mapping) else conv_scheme
+            schemes[name] = self._check_scheme(name, scheme)
+        return schemes
+
+    def _check_scheme(self, name: str, scheme: str) -> str:
+        if scheme not in CONV_SCHEMES:
+            raise ValueError(format_problem(f"Unknown conv scheme {scheme!r} for {name}",
+                                            expected=f"one of {list(CONV_SCHEMES)}"))
+        if scheme == "tucker2" and self.method == "whitened":
+            raise ValueError(format_problem(
+                f"conv_scheme='tucker2' (layer {name}) has no data-aware decomposition",
+                expected="method='svd' with tucker2, or conv_scheme 'channel' or 'spatial' with whitening",
+                hint="use method='svd', or another scheme for this layer."))
+        return scheme
+
+    def _check_known(self, name: str, targets: Mapping[str, nn.Module]) -> None:
+        if name in targets:
+            return
+        if name in self._skipped:
+            raise UnsupportedLayerError(format_problem(
+                f"Layer {name!r} cannot be factorized: {self._skipped[name]}",
+                hint="leave it out of the rank map (it stays dense)."))
+        if name in self._all_names:
+            module = self.model.get_submodule(name)
+            raise UnknownLayerError(format_problem(
+                f"Layer {name!r} ({type(module).__name__}) is not a target",
+                expected="a Linear or Conv2d selected by target_types/target_modules and not excluded",
+                hint="check target_modules and exclude_modules."))
+        close = difflib.get_close_matches(name, list(targets) or self._all_names, n=3)
+        raise UnknownLayerError(format_problem(
+            f"The model has no module named {name!r}", expected="a dotted name from model.named_modules()",
+            hint=f"did you mean {close}?" if close else f"target layers are {list(targets)[:8]}"))
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Dotted names of the layers this decomposition can factorize, in model order."""
+        return tuple(self._targets)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Layers that matched but stay dense, with the reason."""
+        return dict(self._skipped)
+
+    def module(self, name: str) -> nn.Module:
+        self._check_known(name, self._targets)
+        return self._targets[name]
+
+    def scheme(self, name: str) -> str:
+        """``"linear"`` for a Linear, else the layer's default conv scheme."""
+        self._check_known(name, self._targets)
+        return self._schemes[name]
+
+    def geometry(self, name: str) -> LayerGeometry:
+        """Shapes for the cost model, including per-sample positions seen during calibration."""
+        stats = self._stats.get(name, LayerStatistics())
+        return geometry_of(self.module(name), input_shape=stats.input_shape,
+                           output_shape=stats.output_shape, rows=stats.rows_per_sample)
+
+    def full_rank(self, name: str, scheme: str | None = None) -> ConvRank:
+        return full_rank(self.geometry(name), self._scheme_for(name, scheme))
+
+    def _scheme_for(self, name: str, scheme: str | None) -> str:
+        default = self.scheme(name)
+        if scheme is None or default == "linear":
+            return default
+        return self._check_scheme(name, scheme)
+
+    def factors(self, name: str, scheme: str | None = None) -> MatrixFactors | TuckerFactors:
+        """The cached decomposition of one layer (computed on first request)."""
+        scheme = self._scheme_for(name, scheme)
+        key = (name, scheme)
+        if key not in self._factors:
+            self._factors[key] = self._decompose(name, scheme)
+        return self._factors[key]
+
+    def singular_values(self, name: str, scheme: str | None = None) -> torch.Tensor:
+        """Singular values (whitened ones for ``"whitened"``); squares are output-error shares."""
+        factors = self.factors(name, scheme)
+        if isinstance(factors, TuckerFactors):
+            return factors.out_singular_values
+        return factors.singular_values
+
+    def _decompose(self, name: str, scheme: str) -> MatrixFactors | TuckerFactors:
+        module = self._targets[name]
+        weight = module.weight
+        if scheme == "tucker2":
+            return tucker2_factors(weight)
+        matrix = weight if scheme == "linear" else conv_weight_matrix(weight, scheme)
+        gram = None
+        if self.method == "whitened":
+            gram = self._stats[name].gram
+            if scheme == "spatial":
+                gram = spatial_gram(gram, module.in_channels, tuple(module.kernel_size))  # type: ignore[arg-type]
+        return matrix_factors(matrix, gram=gram, ridge=self.ridge, dtype=weight.dtype)
+
+    # ------------------------------------------------------------------ building
+    def resolve(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None
+                ) -> dict[str, tuple[str, ConvRank]]:
+        """Validate ``ranks`` for every layer and return ``{name: (scheme, rank)}`` of factorized layers.
+
+        ``ranks`` is one int for every target, a float in (0, 1] (that fraction of each
+        layer's full rank), or a map from layer name to an int, a Tucker-2 pair or ``"dense"``
+        (unlisted targets stay dense). Nothing is built until every entry is valid.
+        """
+        schemes = dict(schemes or {})
+        for name in schemes:
+            self._check_known(name, self._targets)
+        if isinstance(ranks, Mapping):
+            requested: dict[str, Any] = {}
+            for name, value in ranks.items():
+                self._check_known(name, self._targets)
+                requested[name] = value
+        elif isinstance(ranks, bool) or not isinstance(ranks, (int, float)):
+            raise InvalidRankError(format_problem(
+                "ranks has the wrong type", expected="an int, a float in (0, 1], or a dict name → int | 'dense'",
+                given=f"{type(ranks).__name__}: {ranks!r}"))
+        else:
+            if isinstance(ranks, float) and not (0.0 < ranks <= 1.0):
+                raise InvalidRankError(format_problem(
+                    "A rank fraction must lie in (0, 1]", given=repr(ranks),
+                    hint="0.25 keeps a quarter of each layer's full rank."))
+            requested = dict.fromkeys(self._targets, ranks)
+        plan: dict[str, tuple[str, ConvRank]] = {}
+        for name, value in requested.items():
+            if value == DENSE:
+                continue
+            scheme = self._scheme_for(name, schemes.get(name))
+            top = self.full_rank(name, scheme)
+            if isinstance(value, float):
+                value = (tuple(max(1, round(value * t)) for t in top) if isinstance(top, tuple)
+                         else max(1, round(value * top)))
+            if isinstance(value, str):
+                raise InvalidRankError(format_problem(
+                    f"Unknown rank {value!r} for layer {name}", expected="an int or 'dense'"))
+            what = f"layer {name!r} ({self._describe(name)})"
+            rank = check_rank(value, top, what=what) if isinstance(top, int) else check_conv_rank(
+                value, top, what=what)
+            plan[name] = (scheme, rank)
+        return plan
+
+    def _describe(self, name: str) -> str:
+        module = self._targets[name]
+        if isinstance(module, nn.Linear):
+            return f"Linear {module.in_features}→{module.out_features}"
+        kh, kw = module.kernel_size  # type: ignore[misc]
+        return f"Conv2d {module.in_channels}→{module.out_channels}, {kh}×{kw}"  # type: ignore[str-format]
+
+    def layer(self, name: str, rank: ConvRank, *, scheme: str | None = None) -> nn.Module:
+        """One low-rank replacement module for layer ``name`` at ``rank``, from cached factors."""
+        scheme = self._scheme_for(name, scheme)
+        module = self._targets[name]
+        factors = self.factors(name, scheme)
+        if isinstance(module, nn.Linear):
+            return LowRankLinear.from_dense(module, int(rank), factors=factors)  # type: ignore[arg-type]
+        return LowRankConv2d.from_dense(module, rank, scheme=scheme, factors=factors)  # type: ignore[arg-type]
+
+    def build(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None) -> nn.Module:
+        """A new model with the listed layers factorized; the original model is untouched."""
+        plan = self.resolve(ranks, schemes=schemes)
+        replacements = {name: self.layer(name, rank, scheme=scheme) for name, (scheme, rank) in plan.items()}
+        return clone_with(self.model, replacements)
+
+
+def factorize(model: nn.Module, ranks: Ranks, *, method: Method = "whitened",
+              calibration: Iterable[Any] | None = None, forward: ForwardFn | None = None,
+              target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+              target_modules: Patterns = None, exclude_modules: Patterns = None,
+              conv_scheme: str | Mapping[str, str] = "channel",
+              max_calibration_batches: int | None = None, ridge: float = 1e-6) -> nn.Module:
+    """Return a copy of ``model`` with its Linear/Conv2d layers replaced by low-rank layers.
+
+    ``ranks``: one int for all target layers, a float fraction of each layer's full rank, or a
+    map ``{module name: int | "dense"}`` (only the listed layers are decomposed). Everything
+    is validated before anything is built; ``model`` itself is never modified. To build many
+    rank maps from one decomposition, use :class:`Decomposition` directly.
+    """
+    layers = None
+    if isinstance(ranks, Mapping):
+        if not ranks:
+            raise InvalidRankError(format_problem(
+                "The rank map is empty", expected="at least one {module name: rank} entry"))
+        layers = list(ranks)
+    decomposition = Decomposition(model, method=method, calibration=calibration, forward=forward,
+                                  target_types=target_types, target_modules=target_modules,
+                                  exclude_modules=exclude_modules, layers=layers,
+                                  conv_scheme=conv_scheme,
+                                  max_calibration_batches=max_calibration_batches, ridge=ridge)
+    return decomposition.build(ranks)

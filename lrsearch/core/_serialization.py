@@ -1,0 +1,289 @@
+"""Save and load compressed models as a plain state_dict plus a JSON recipe.
+
+Nothing is pickled but tensors: ``load`` replays the recipe (which layers are low-rank, with
+which scheme and rank) on a fresh instance of the original architecture, then loads the
+weights strictly. The same recipe travels inside Lightning checkpoints under ``"lrsearch"``.
+
+On disk a saved model is a folder::
+
+    recipe.json             # format, versions, per-layer scheme and rank, weights file + sha256
+    weights-<sha12>.pt      # torch.save of the state_dict (tensors only)
+
+The weights file is named by its content and the recipe is written last, so an interrupted
+save leaves the previous save loadable and never a mismatched pair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsearch._atomic import atomic_write_bytes, atomic_write_json
+from lrsearch._errors import RecipeError, format_problem
+from lrsearch._version import __version__
+from lrsearch.core._conv import LowRankConv2d
+from lrsearch.core._linear import LowRankLinear
+from lrsearch.core._surgery import install
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "RECIPE_FILE",
+    "apply_recipe",
+    "get_recipe",
+    "load",
+    "on_load_checkpoint",
+    "on_save_checkpoint",
+    "read_recipe",
+    "save",
+]
+
+RECIPE_FILE = "recipe.json"
+CHECKPOINT_KEY = "lrsearch"
+FORMAT = "lrsearch.recipe"
+FORMAT_VERSION = 1
+
+
+def _pair(value: Any) -> list[int]:
+    return [int(value[0]), int(value[1])]
+
+
+def _conv_geometry(conv: nn.Conv2d | LowRankConv2d) -> dict[str, Any]:
+    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "kernel_size": _pair(conv.kernel_size), "stride": _pair(conv.stride),
+            "padding": padding, "dilation": _pair(conv.dilation), "padding_mode": conv.padding_mode,
+            "bias": conv.bias is not None}
+
+
+def get_recipe(model: nn.Module) -> dict[str, Any]:
+    """The JSON-serializable structure of every low-rank layer in ``model`` (primitive types only)."""
+    layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            layers[name] = {"type": "linear", "scheme": "linear", "rank": module.rank,
+                            "in_features": module.in_features, "out_features": module.out_features,
+                            "bias": module.second.bias is not None}
+        elif isinstance(module, LowRankConv2d):
+            rank = list(module.rank) if isinstance(module.rank, tuple) else module.rank
+            layers[name] = {"type": "conv2d", "scheme": module.scheme, "rank": rank,
+                            **_conv_geometry(module)}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "lrsearch_version": __version__,
+            "layers": layers}
+
+
+def _check_recipe(recipe: Any, *, source: str) -> Mapping[str, Any]:
+    if not isinstance(recipe, Mapping) or recipe.get("format") != FORMAT:
+        raise RecipeError(format_problem(f"{source} is not an lrsearch recipe",
+                                         expected=f"a mapping with format={FORMAT!r}"))
+    version = recipe.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RecipeError(format_problem(
+            f"{source} has recipe format version {version!r}", expected=f"<= {FORMAT_VERSION}",
+            hint=f"it was written by lrsearch {recipe.get('lrsearch_version')}; upgrade lrsearch."))
+    layers = recipe.get("layers")
+    if not isinstance(layers, Mapping):
+        raise RecipeError(format_problem(f"{source} has no 'layers' mapping"))
+    return layers
+
+
+def _plan(model: nn.Module, layers: Mapping[str, Any], *, source: str) -> dict[str, nn.Module]:
+    """Validate every recipe entry against ``model`` and build (not install) the replacements."""
+    modules = dict(model.named_modules())
+    plan: dict[str, nn.Module] = {}
+    for name, entry in layers.items():
+        if name not in modules:
+            raise RecipeError(format_problem(
+                f"{source} names layer {name!r}, which the model does not have",
+                hint="pass a fresh instance of the architecture that was compressed."))
+        dense = modules[name]
+        try:
+            plan[name] = _replacement(dense, entry)
+        except (KeyError, TypeError, ValueError) as error:
+            raise RecipeError(format_problem(
+                f"{source} entry for layer {name!r} does not fit the model: {error}",
+                given=f"{type(dense).__name__} in the model, recipe entry {entry!r}",
+                hint="pass a fresh instance of the architecture that was compressed.")) from error
+    return plan
+
+
+def _replacement(dense: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
+    options = {"device": _device_of(dense), "dtype": _dtype_of(dense)}
+    if entry["type"] == "linear":
+        if not isinstance(dense, nn.Linear):
+            raise TypeError(f"expected nn.Linear, found {type(dense).__name__}")
+        shape = (dense.in_features, dense.out_features, dense.bias is not None)
+        wanted = (entry["in_features"], entry["out_features"], entry["bias"])
+        if shape != wanted:
+            raise ValueError(f"(in, out, bias) is {shape} in the model but {wanted} in the recipe")
+        return LowRankLinear(dense.in_features, dense.out_features, int(entry["rank"]),
+                             bias=dense.bias is not None, **options)
+    if entry["type"] == "conv2d":
+        if not isinstance(dense, nn.Conv2d):
+            raise TypeError(f"expected nn.Conv2d, found {type(dense).__name__}")
+        geometry = _conv_geometry(dense)
+        wanted = {key: entry[key] for key in geometry}
+        if geometry != wanted:
+            raise ValueError(f"conv geometry is {geometry} in the model but {wanted} in the recipe")
+        rank = entry["rank"]
+        return LowRankConv2d(dense.in_channels, dense.out_channels, tuple(dense.kernel_size),
+                             tuple(rank) if isinstance(rank, list) else int(rank),
+                             scheme=entry["scheme"], stride=tuple(dense.stride),
+                             padding=dense.padding, dilation=tuple(dense.dilation),
+                             bias=dense.bias is not None, padding_mode=dense.padding_mode, **options)
+    raise ValueError(f"unknown layer type {entry['type']!r}")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def apply_recipe(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
+    """Give ``model`` (a fresh, dense instance) the low-rank structure the recipe describes.
+
+    Modifies ``model`` in place and returns it; the new layers hold untrained weights until a
+    state_dict is loaded. Every entry is validated before any layer is replaced.
+    """
+    plan = _plan(model, _check_recipe(recipe, source="the recipe"), source="the recipe")
+    return install(model, plan)
+
+
+def _expected_shapes(model: nn.Module, plan: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...]]:
+    replaced = tuple(name + "." for name in plan)
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()
+              if not key.startswith(replaced)}
+    for name, module in plan.items():
+        shapes.update({f"{name}.{key}": tuple(value.shape) for key, value in module.state_dict().items()})
+    return shapes
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *,
+         metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save ``model`` into the folder ``path`` (created if needed) as recipe + state_dict.
+
+    ``metadata`` (JSON-serializable) is stored in the recipe, e.g. accuracy figures. Returns
+    the folder. Writes are atomic; an existing save in the folder stays loadable until the new
+    recipe replaces it.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(format_problem(f"Cannot save into {folder}: it is a file",
+                                         expected="a folder path (created if missing)"))
+    recipe: dict[str, Any] = get_recipe(model)
+    recipe["metadata"] = json.loads(json.dumps(dict(metadata or {})))
+    state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    weights_name = f"weights-{digest[:12]}.pt"
+    recipe["weights"] = {"file": weights_name, "sha256": digest, "bytes": len(data)}
+    atomic_write_bytes(folder / weights_name, data)
+    atomic_write_json(folder / RECIPE_FILE, recipe)
+    for stale in folder.glob("weights-*.pt"):
+        if stale.name != weights_name:
+            stale.unlink(missing_ok=True)
+    return folder
+
+
+def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``recipe.json`` of a saved model folder."""
+    recipe_path = Path(path) / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise RecipeError(format_problem(
+            f"No lrsearch model at {Path(path)}: {RECIPE_FILE} is missing",
+            expected="a folder written by lrsearch.save", hint="check the path."))
+    try:
+        recipe = json.loads(recipe_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RecipeError(format_problem(f"{recipe_path} is corrupted or truncated: {error}",
+                                         hint="save the model again.")) from error
+    _check_recipe(recipe, source=str(recipe_path))
+    return recipe
+
+
+def load(path: str | os.PathLike[str], model: nn.Module, *,
+         map_location: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a saved compressed model on ``model``, a fresh instance of the original architecture.
+
+    ``model`` is modified in place and returned only once the recipe and every tensor shape
+    have been checked; on any mismatch it is left untouched and a :class:`RecipeError` names
+    what does not fit.
+    """
+    folder = Path(path)
+    recipe = read_recipe(folder)
+    weights = recipe.get("weights") or {}
+    weights_path = folder / str(weights.get("file", ""))
+    if not weights.get("file") or not weights_path.is_file():
+        raise RecipeError(format_problem(f"The weights file of {folder} is missing",
+                                         expected=f"{weights_path.name} beside {RECIPE_FILE}"))
+    data = weights_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != weights.get("sha256"):
+        raise RecipeError(format_problem(
+            f"{weights_path} is corrupted or truncated: its sha256 does not match {RECIPE_FILE}",
+            given=f"{len(data)} bytes, recipe says {weights.get('bytes')}", hint="save the model again."))
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location or "cpu", weights_only=True)
+    except Exception as error:
+        raise RecipeError(format_problem(f"Cannot read {weights_path}: {error}")) from error
+    plan = _plan(model, recipe["layers"], source=str(folder / RECIPE_FILE))
+    _check_state(state, _expected_shapes(model, plan), source=str(weights_path))
+    install(model, plan)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _check_state(state: Any, expected: Mapping[str, tuple[int, ...]], *, source: str) -> None:
+    if not isinstance(state, Mapping):
+        raise RecipeError(format_problem(f"{source} does not hold a state_dict"))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(key for key in set(expected) & set(state)
+                   if tuple(state[key].shape) != expected[key])
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing keys {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected keys {unexpected[:5]}")
+        if wrong:
+            details.append("shape mismatches " + ", ".join(
+                f"{key}: file {tuple(state[key].shape)} vs model {expected[key]}" for key in wrong[:5]))
+        raise RecipeError(format_problem(
+            f"The weights in {source} do not fit the model", given="; ".join(details),
+            hint="pass a fresh instance of the architecture (same constructor arguments) that was compressed."))
+
+
+def on_save_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Call from ``LightningModule.on_save_checkpoint`` to store the low-rank structure."""
+    recipe = get_recipe(module)
+    if recipe["layers"]:
+        checkpoint[CHECKPOINT_KEY] = recipe
+
+
+def on_load_checkpoint(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Call from ``LightningModule.on_load_checkpoint`` so ``load_from_checkpoint`` works.
+
+    Lightning calls the module's hook before it loads the state_dict, so re-creating the
+    low-rank layers here lets the strict load that follows succeed. A checkpoint without
+    lrsearch data is left alone.
+    """
+    if CHECKPOINT_KEY not in checkpoint:
+        return
+    recipe = checkpoint[CHECKPOINT_KEY]
+    plan = _plan(module, _check_recipe(recipe, source="the checkpoint's lrsearch recipe"),
+                 source="the checkpoint's lrsearch recipe")
+    if "state_dict" in checkpoint:
+        _check_state(checkpoint["state_dict"], _expected_shapes(module, plan), source="the checkpoint")
+    install(module, plan)
