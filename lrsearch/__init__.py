@@ -1,10 +1,15 @@
 """lrsearch: make trained PyTorch models faster and smaller by low-rank factorization.
 
 The package is layered: ``lrsearch.core`` (torch only) holds the layers, decomposition,
-cost model, surgery and save/load. Everything it exports is re-exported here.
+cost model, surgery and save/load; ``lrsearch.measure`` the budget, evaluation and latency
+table; ``lrsearch.study`` the Optuna search. The search names are imported lazily, so
+``import lrsearch`` for factorizing or loading a model never imports Optuna.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from lrsearch._errors import (
+    BudgetError,
     CalibrationError,
     InvalidRankError,
     LrSearchError,
@@ -41,10 +46,36 @@ from lrsearch.core import (
     select_targets,
 )
 
+_LAZY = {
+    "Candidate": "lrsearch.study",
+    "SearchConfig": "lrsearch.study",
+    "SearchResult": "lrsearch.study",
+    "search": "lrsearch.study",
+    "Budget": "lrsearch.measure",
+    "parse_budget": "lrsearch.measure",
+}
+
+if TYPE_CHECKING:
+    from lrsearch.measure import Budget, parse_budget
+    from lrsearch.study import Candidate, SearchConfig, SearchResult, search
+
+
+def __getattr__(name: str) -> Any:
+    """Import the search layer on first use (optuna's lazy-import pattern)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lrsearch' has no attribute {name!r}")
+
+
 __all__ = [
+    "Budget",
+    "BudgetError",
     "CHECKPOINT_KEY",
     "CONV_SCHEMES",
     "CalibrationError",
+    "Candidate",
     "Cost",
     "DENSE",
     "Decomposition",
@@ -55,6 +86,8 @@ __all__ = [
     "LrSearchError",
     "NoMatchingModuleError",
     "RecipeError",
+    "SearchConfig",
+    "SearchResult",
     "UnknownLayerError",
     "UnsupportedLayerError",
     "__version__",
@@ -71,7 +104,9 @@ __all__ = [
     "load",
     "on_load_checkpoint",
     "on_save_checkpoint",
+    "parse_budget",
     "read_recipe",
     "save",
+    "search",
     "select_targets",
 ]

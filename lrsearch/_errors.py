@@ -8,6 +8,7 @@ catches everything lrsearch raises on purpose.
 from __future__ import annotations
 
 __all__ = [
+    "BudgetError",
     "CalibrationError",
     "InvalidRankError",
     "LrSearchError",
@@ -41,6 +42,10 @@ class InvalidRankError(LrSearchError, ValueError):
 
 class CalibrationError(LrSearchError, ValueError):
     """Calibration data is missing, empty, or does not fit the model."""
+
+
+class BudgetError(LrSearchError, ValueError):
+    """An accuracy-drop budget is unparsable, negative, not finite or 100% and above."""
 
 
 class RecipeError(LrSearchError, ValueError):

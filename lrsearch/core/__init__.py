@@ -15,6 +15,7 @@ from lrsearch.core._cost import (
     dense_cost,
     factorized_cost,
     full_rank,
+    macs_per_sample,
 )
 from lrsearch.core._decomposition import DENSE, Decomposition, factorize
 from lrsearch.core._factors import MatrixFactors, TuckerFactors, matrix_factors, tucker2_factors
@@ -59,6 +60,7 @@ __all__ = [
     "full_rank",
     "get_recipe",
     "load",
+    "macs_per_sample",
     "matrix_factors",
     "name_matches",
     "on_load_checkpoint",

@@ -14,7 +14,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lrsearch.core._conv import ConvRank, check_conv_rank, conv_full_rank
-from lrsearch.core._runtime import evaluating
+from lrsearch.core._runtime import (
+    ForwardFn,
+    batch_size_of,
+    default_forward,
+    evaluating,
+    model_device,
+    move_to_device,
+)
 
 __all__ = [
     "Cost",
@@ -27,6 +34,7 @@ __all__ = [
     "factorized_cost",
     "full_rank",
     "geometry_of",
+    "macs_per_sample",
 ]
 
 
@@ -174,3 +182,13 @@ def count_macs(model: nn.Module, *args: Any, **kwargs: Any) -> int:
     with evaluating(model), torch.no_grad(), counter:
         model(*args, **kwargs)
     return counter.get_total_flops() // 2
+
+
+def macs_per_sample(model: nn.Module, batch: Any, *, forward: ForwardFn | None = None) -> float:
+    """Multiply-adds per sample of feeding ``batch`` to ``model`` (see :func:`count_macs`)."""
+    forward = forward or default_forward
+    counter = FlopCounterMode(display=False)
+    batch = move_to_device(batch, model_device(model))
+    with evaluating(model), torch.no_grad(), counter:
+        forward(model, batch)
+    return counter.get_total_flops() / 2 / batch_size_of(batch)

@@ -236,10 +236,6 @@ class Decomposition:
                 "ranks has the wrong type", expected="an int, a float in (0, 1], or a dict name → int | 'dense'",
                 given=f"{type(ranks).__name__}: {ranks!r}"))
         else:
-            if isinstance(ranks, float) and not (0.0 < ranks <= 1.0):
-                raise InvalidRankError(format_problem(
-                    "A rank fraction must lie in (0, 1]", given=repr(ranks),
-                    hint="0.25 keeps a quarter of each layer's full rank."))
             requested = dict.fromkeys(self._targets, ranks)
         plan: dict[str, tuple[str, ConvRank]] = {}
         for name, value in requested.items():
@@ -248,6 +244,10 @@ class Decomposition:
             scheme = self._scheme_for(name, schemes.get(name))
             top = self.full_rank(name, scheme)
             if isinstance(value, float):
+                if not 0.0 < value <= 1.0:
+                    raise InvalidRankError(format_problem(
+                        f"A rank fraction must lie in (0, 1] (layer {name})", given=repr(value),
+                        hint="0.25 keeps a quarter of each layer's full rank."))
                 value = (tuple(max(1, round(value * t)) for t in top) if isinstance(top, tuple)
                          else max(1, round(value * top)))
             if isinstance(value, str):

@@ -76,7 +76,10 @@ def symmetric_sqrt(gram: torch.Tensor, *, ridge: float) -> tuple[torch.Tensor, t
     fewer samples than features), where Cholesky would.
     """
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    floor = ridge * eigenvalues.clamp_min(0).mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    mean = float(eigenvalues.clamp_min(0).mean())
+    # All-zero statistics (every input unit dead) carry no information: fall back to an
+    # orthonormal root, i.e. plain SVD, instead of dividing by a denormal floor.
+    floor = ridge * mean if mean > 0 else 1.0
     eigenvalues = eigenvalues.clamp_min(floor)
     root = eigenvalues.sqrt()
     return eigenvectors * root, (eigenvectors / root).T

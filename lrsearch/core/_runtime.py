@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ForwardFn", "default_forward", "evaluating", "model_device", "move_to_device"]
+__all__ = ["ForwardFn", "batch_size_of", "default_forward", "evaluating", "model_device", "move_to_device"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -62,3 +62,13 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a batch laid out like :func:`default_forward` expects."""
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if isinstance(first, Mapping):
+        first = next(iter(first.values()))
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
+    return int(first.shape[0])

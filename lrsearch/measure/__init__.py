@@ -1,0 +1,28 @@
+"""Layer 2 of lrsearch: the accuracy-drop budget, the evaluation loop and the latency table.
+
+Depends on torch, torchmetrics and ``lrsearch.core``; never imports Optuna or Lightning.
+"""
+
+from lrsearch.measure._budget import Budget, parse_budget
+from lrsearch.measure._evaluate import Evaluation, EvaluationError, Evaluator, default_batch_fn
+from lrsearch.measure._latency import (
+    LatencyTable,
+    LatencyTableError,
+    LayerLatency,
+    build_latency_table,
+    time_call,
+)
+
+__all__ = [
+    "Budget",
+    "Evaluation",
+    "EvaluationError",
+    "Evaluator",
+    "LatencyTable",
+    "LatencyTableError",
+    "LayerLatency",
+    "build_latency_table",
+    "default_batch_fn",
+    "parse_budget",
+    "time_call",
+]

@@ -1,0 +1,271 @@
+"""``search``: the Optuna study that picks every layer's rank under an accuracy-drop budget.
+
+One process (or many workers sharing a storage) runs the same study. The first one to open
+it measures the baseline and the latency table and stores both in the study, so every
+worker scores trials identically and a resumed run never measures them again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.study import MaxTrialsCallback
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from lrsearch._atomic import atomic_write_json
+from lrsearch._errors import LrSearchError, format_problem
+from lrsearch.core import Decomposition, count_params, macs_per_sample
+from lrsearch.core._runtime import ForwardFn, batch_size_of, model_device
+from lrsearch.core._targets import Patterns
+from lrsearch.measure import Budget, Evaluator, LatencyTable, build_latency_table, parse_budget
+from lrsearch.study._config import SearchConfig
+from lrsearch.study._dashboard import publish_plots
+from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
+from lrsearch.study._space import SearchSpace
+from lrsearch.study._storage import open_storage, sqlite_url
+from lrsearch.study._warmstart import warm_starts
+
+__all__ = ["Candidate", "SearchResult", "search"]
+
+_logger = logging.getLogger("lrsearch")
+ATTR = "lrsearch:"
+TABLE_FILE = "latency-table.json"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated configuration: its ranks and figures (latency is the table's prediction)."""
+
+    trial: int
+    ranks: dict[str, Any]
+    schemes: dict[str, str]
+    metric: float
+    drop: float
+    params: float
+    macs: float
+    latency: float | None
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> Candidate:
+        attrs = trial.user_attrs
+        ranks = {name: tuple(r) if isinstance(r, list) else r for name, r in attrs["ranks"].items()}
+        return cls(trial=trial.number, ranks=ranks, schemes=dict(attrs["schemes"]),
+                   metric=attrs["metric"], drop=attrs["drop"], params=attrs["params"],
+                   macs=attrs["macs"], latency=attrs.get("latency"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial": self.trial, "ranks": {k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in self.ranks.items()},
+                "schemes": self.schemes, "metric": self.metric, "drop": self.drop,
+                "params": self.params, "macs": self.macs, "latency": self.latency}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search found: the best feasible configuration (None if none) and the feasible Pareto set."""
+
+    study_name: str
+    storage: str
+    run_dir: Path
+    baseline: float
+    budget: Budget
+    allowed_drop: float
+    best: Candidate | None
+    pareto: tuple[Candidate, ...]
+    dense: dict[str, float]
+    space: SearchSpace = field(repr=False)
+    latency_table: LatencyTable | None = field(default=None, repr=False)
+
+    @property
+    def feasible(self) -> bool:
+        return self.best is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"study_name": self.study_name, "storage": self.storage, "run_dir": str(self.run_dir),
+                "baseline": self.baseline, "budget": self.budget.to_dict(),
+                "allowed_drop": self.allowed_drop, "dense": self.dense,
+                "best": self.best.to_dict() if self.best else None,
+                "pareto": [c.to_dict() for c in self.pareto],
+                "searched_layers": {n: list(map(str, s.choices)) for n, s in self.space.layers.items()},
+                "fixed_dense": self.space.fixed_dense}
+
+
+def _sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+    seed = config.seed + config.worker_index
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if config.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = None, *,
+           calibration: Iterable[Any] | None = None, metric: Any = None, metric_name: str | None = None,
+           batch_fn: Any = None, forward: ForwardFn | None = None, target_modules: Patterns = None,
+           exclude_modules: Patterns = None, conv_scheme: str | Mapping[str, str] = "channel",
+           callbacks: Sequence[Any] = (), show_progress_bar: bool = False,
+           **options: Any) -> SearchResult:
+    """Search per-layer ranks of ``model`` that minimize cost with the drop within the budget.
+
+    Args:
+        model: the trained model; never modified.
+        data: validation batches the search scores candidates on.
+        config: a :class:`SearchConfig`; ``**options`` override its fields by name.
+        calibration: batches for whitening statistics (default: ``data``).
+        metric: a torchmetrics ``Metric`` or ``fn(outputs, targets)``; default top-1 accuracy.
+        metric_name: the name the study and dashboard show for the metric.
+        batch_fn: ``fn(model, batch) -> (outputs, targets)``; default ``(model(b[0]), b[1])``.
+        forward: how a batch is fed to the model for calibration and latency.
+        callbacks: extra Optuna callbacks passed to ``study.optimize``.
+    """
+    try:
+        config = replace(config or SearchConfig(), **options)
+    except TypeError as error:
+        raise TypeError(f"{error}; valid options are the fields of lrsearch.SearchConfig.") from error
+    budget = parse_budget(config.budget, relative=config.relative_budget)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage_url = config.storage or sqlite_url(run_dir / "study.db")
+    batches = list(data)
+    evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
+    baseline = evaluator.evaluate(model)
+    allowed = budget.allowed_drop(baseline.value)
+    decomposition = Decomposition(model, method=config.method,  # type: ignore[arg-type]
+                                  calibration=calibration if calibration is not None else batches,
+                                  forward=forward, target_modules=target_modules,
+                                  exclude_modules=exclude_modules, conv_scheme=conv_scheme)
+    storage = open_storage(storage_url)
+    directions = ["minimize", "minimize"] if config.two_objectives else ["minimize"]
+    study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
+                                directions=directions, load_if_exists=True)
+    table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
+    is_faster = None if table is None else (lambda n, s, r: r in table.faster_ranks(n, s))
+    space = SearchSpace.build(decomposition, multiple=config.multiple, is_faster=is_faster)
+    if not space.layers:
+        raise LrSearchError(format_problem(
+            "No layer has a rank that is cheaper than its dense version",
+            given="; ".join(f"{n}: {r}" for n, r in list(space.fixed_dense.items())[:5]),
+            hint="layers this small gain nothing from factorization; try objective='macs' or a larger batch_size."))
+    costs = PlanCosts(decomposition, dense_params=count_params(model),
+                      dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
+    dense = costs({})
+    _prepare_study(study, config, budget=budget, baseline=baseline.value, allowed=allowed, dense=dense,
+                   metric_name=metric_name or _metric_label(metric))
+    if config.warm_start:
+        cost_of = _cost_fn(space, costs, config.objective)
+        for label, allocation in warm_starts(decomposition, space, cost_of):
+            study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": label}, skip_if_exists=True)
+    objective = Objective(decomposition=decomposition, space=space, evaluator=evaluator, baseline=baseline,
+                          allowed_drop=allowed, costs=costs, objective=config.objective,
+                          two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
+                          early_abort=config.early_abort)
+    study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout,
+                   callbacks=[MaxTrialsCallback(config.n_trials, states=None), *callbacks],
+                   catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
+    pareto = _feasible_pareto(study, config.objective)
+    best = pareto[0] if pareto else None
+    full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
+    best_trial = study.trials[best.trial] if best else None
+    publish_plots(study, cost_key=config.objective, cost_label=config.objective, allowed_drop=allowed,
+                  best=best_trial, full_ranks=full_ranks)
+    result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
+                          baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
+                          pareto=tuple(pareto), dense=dense, space=space, latency_table=table)
+    atomic_write_json(run_dir / "search-result.json", result.to_dict())
+    return result
+
+
+def _max_rank(rank: Any) -> int:
+    return max(rank) if isinstance(rank, tuple) else int(rank)
+
+
+def _metric_label(metric: Any) -> str:
+    if metric is None:
+        return "accuracy"
+    return getattr(metric, "__name__", type(metric).__name__)
+
+
+def _cost_fn(space: SearchSpace, costs: PlanCosts, objective: str) -> Callable[[str, Any], float]:
+    """Per-layer cost of a choice in the objective's unit, for the greedy warm start."""
+    def cost(name: str, choice: Any) -> float:
+        decoded = space.layers[name].decode(choice)
+        return costs({name: decoded} if decoded else {})[objective]
+    return cost
+
+
+def _cost_value(candidate: Candidate, objective: str) -> float:
+    return {"latency": candidate.latency, "macs": candidate.macs, "params": candidate.params}[objective] or 0.0
+
+
+def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: Decomposition,
+                    batches: list[Any], forward: ForwardFn | None, run_dir: Path) -> LatencyTable | None:
+    """The study's latency table; measured (or reused from the run folder) only if the study has none."""
+    if config.objective != "latency":
+        return None
+    stored = study.user_attrs.get(ATTR + "latency_table")
+    if stored is not None:
+        return LatencyTable.from_dict(stored)
+    threads = config.threads or torch.get_num_threads()
+    batch_size = config.batch_size or batch_size_of(batches[0])
+    geometries = {name: decomposition.geometry(name).to_dict() for name in decomposition.targets}
+    path = run_dir / TABLE_FILE
+    table = None
+    if path.is_file():
+        cached = LatencyTable.load(path)
+        if cached.matches(device=config.device, threads=threads, batch_size=batch_size, layers=geometries):
+            table = cached
+    if table is None:
+        _logger.info("measuring the latency table on %s (%d threads, batch %d)", config.device, threads, batch_size)
+        table = build_latency_table(decomposition, batches[0], batch_size=batch_size, device=config.device,
+                                    threads=threads, forward=forward, multiple=config.multiple,
+                                    min_run_time=config.latency_min_run_time, repeats=config.latency_repeats)
+        table.save(path)
+    study.set_user_attr(ATTR + "latency_table", table.to_dict())
+    return table
+
+
+def _prepare_study(study: optuna.Study, config: SearchConfig, *, budget: Budget, baseline: float,
+                   allowed: float, dense: Mapping[str, float], metric_name: str) -> None:
+    """Record the study's fixed facts once; on resume, refuse data that gives another baseline."""
+    stored = study.user_attrs.get(ATTR + "baseline")
+    if stored is not None:
+        if abs(stored - baseline) > 1e-9:
+            raise LrSearchError(format_problem(
+                f"Study {config.study_name!r} was run on data with baseline {stored:.6f}",
+                given=f"a baseline of {baseline:.6f} on this data",
+                hint="resume with the same validation data, or use a new study_name."))
+        return
+    attrs = {"baseline": baseline, "budget": str(budget), "allowed_drop": allowed, "metric": metric_name,
+             "objective": config.objective, "constraint": CONSTRAINT,
+             "dense": dict(dense), "config": config.to_dict()}
+    for key, value in attrs.items():
+        study.set_user_attr(ATTR + key, value)
+    names = [config.objective, "accuracy_drop"] if config.two_objectives else [config.objective]
+    study.set_metric_names(names)
+
+
+def _feasible_pareto(study: optuna.Study, objective: str) -> list[Candidate]:
+    """Feasible complete trials not dominated in (cost, drop), cheapest first, one per configuration."""
+    seen: set[Any] = set()
+    candidates: list[Candidate] = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if not trial.user_attrs.get("feasible") or trial.constraints.get(CONSTRAINT, 1.0) > 0:
+            continue
+        key = SearchSpace.key(trial.params)
+        if key in seen or "ranks" not in trial.user_attrs:
+            continue
+        seen.add(key)
+        candidates.append(Candidate.from_trial(trial))
+    front = [c for c in candidates if not any(
+        _cost_value(o, objective) <= _cost_value(c, objective) and o.drop <= c.drop
+        and (_cost_value(o, objective) < _cost_value(c, objective) or o.drop < c.drop) for o in candidates)]
+    return sorted(front, key=lambda c: (_cost_value(c, objective), c.drop))

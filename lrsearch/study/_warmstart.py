@@ -1,0 +1,103 @@
+"""Analytic rank allocations that cost no evaluation, enqueued before the sampler takes over.
+
+With whitened factors, ``σ_i²/Σσ²`` is component i's exact share of a layer's output energy,
+so spending a cost budget on the components with the most energy per unit of cost is a strong
+zero-evaluation allocation (algorithms.md §4). Energy thresholds and uniform fractions add
+the allocations a user would try by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from lrsearch.core import DENSE, Decomposition
+from lrsearch.study._space import Choice, SearchSpace
+
+__all__ = ["energy_allocation", "greedy_allocation", "kept_energy", "uniform_allocation", "warm_starts"]
+
+CostFn = Callable[[str, Choice], float]
+KeptEnergy = Mapping[str, Mapping[Choice, float]]
+
+
+def kept_energy(decomposition: Decomposition, space: SearchSpace) -> KeptEnergy:
+    """For every layer and choice, the share of the layer's output energy the choice keeps."""
+    kept: dict[str, dict[Choice, float]] = {}
+    for name, layer in space.layers.items():
+        kept[name] = {DENSE: 1.0}
+        for choice, (scheme, rank) in layer.options.items():
+            energy = decomposition.singular_values(name, scheme).double().square()
+            cumulative = energy.cumsum(0) / energy.sum().clamp_min(torch.finfo(torch.float64).tiny)
+            kept[name][choice] = float(cumulative[min(rank, cumulative.numel()) - 1])
+    return kept
+
+
+def greedy_allocation(space: SearchSpace, kept: KeptEnergy, cost: CostFn, *,
+                      fraction: float) -> dict[str, Choice]:
+    """Spend ``fraction`` of the searchable layers' dense cost on the steps with most energy per cost."""
+    state = {name: 0 for name in space.layers}
+    choices = {name: layer.choices for name, layer in space.layers.items()}
+    target = fraction * sum(cost(name, DENSE) for name in choices)
+    total = sum(cost(name, choices[name][0]) for name in choices)
+    while True:
+        best: tuple[float, str, float] | None = None
+        for name, index in state.items():
+            if index + 1 >= len(choices[name]):
+                continue
+            here, there = choices[name][index], choices[name][index + 1]
+            extra = cost(name, there) - cost(name, here)
+            if total + extra > target:
+                continue
+            gain = kept[name][there] - kept[name][here]
+            ratio = float("inf") if extra <= 0 else gain / extra
+            if best is None or ratio > best[0]:
+                best = (ratio, name, extra)
+        if best is None:
+            break
+        _, name, extra = best
+        state[name] += 1
+        total += extra
+    return {name: choices[name][index] for name, index in state.items()}
+
+
+def energy_allocation(space: SearchSpace, kept: KeptEnergy, *, threshold: float) -> dict[str, Choice]:
+    """Each layer's smallest choice that keeps ``threshold`` of its output energy."""
+    allocation: dict[str, Choice] = {}
+    for name, layer in space.layers.items():
+        allocation[name] = next((choice for choice in layer.choices
+                                 if kept[name][choice] >= threshold), DENSE)
+    return allocation
+
+
+def uniform_allocation(decomposition: Decomposition, space: SearchSpace, *,
+                       fraction: float) -> dict[str, Choice]:
+    """The same fraction of every layer's full rank, rounded up to the grid."""
+    allocation: dict[str, Choice] = {}
+    for name, layer in space.layers.items():
+        top = decomposition.full_rank(name)
+        top = max(top) if isinstance(top, tuple) else top
+        allocation[name] = layer.nearest(max(1, round(fraction * top)))
+    return allocation
+
+
+def warm_starts(decomposition: Decomposition, space: SearchSpace, cost: CostFn, *,
+                greedy_fractions: Sequence[float] = (0.15, 0.25, 0.4, 0.6),
+                energy_thresholds: Sequence[float] = (0.9, 0.95, 0.99),
+                uniform_fractions: Sequence[float] = (0.125, 0.25, 0.5)) -> list[tuple[str, dict[str, Choice]]]:
+    """Labelled allocations, cheapest-first within each family, without duplicates."""
+    kept = kept_energy(decomposition, space)
+    candidates = [(f"greedy@{f:g}", greedy_allocation(space, kept, cost, fraction=f))
+                  for f in greedy_fractions]
+    candidates += [(f"energy@{t:g}", energy_allocation(space, kept, threshold=t))
+                   for t in energy_thresholds]
+    candidates += [(f"uniform@{f:g}", uniform_allocation(decomposition, space, fraction=f))
+                   for f in uniform_fractions]
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    unique: list[tuple[str, dict[str, Choice]]] = []
+    for label, allocation in candidates:
+        key = SearchSpace.key(allocation)
+        if key not in seen:
+            seen.add(key)
+            unique.append((label, allocation))
+    return unique
