@@ -7,7 +7,8 @@ ran: a layer whose ``forward`` never ran has its weight read by its parent and m
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +139,7 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], batch
         make_hooks(name, module)
     seen = 0
     try:
-        with evaluating(model), torch.no_grad():
+        with evaluating(model), torch.no_grad(), _dense_tensors(model):
             for index, batch in enumerate(batches):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -160,6 +161,19 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], batch
             "Calibration data is empty", expected="at least one batch",
             hint="pass a DataLoader or a list of input batches"))
     return stats
+
+
+@contextmanager
+def _dense_tensors(model: nn.Module) -> Iterator[None]:
+    """Keep ``nn.TransformerEncoder`` from packing inputs into nested tensors while hooks read them."""
+    encoders = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and m.use_nested_tensor]
+    for encoder in encoders:
+        encoder.use_nested_tensor = False
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            encoder.use_nested_tensor = True
 
 
 def _describe(batch: Any) -> str:

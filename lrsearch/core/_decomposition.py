@@ -275,8 +275,13 @@ class Decomposition:
             return LowRankLinear.from_dense(module, int(rank), factors=factors)  # type: ignore[arg-type]
         return LowRankConv2d.from_dense(module, rank, scheme=scheme, factors=factors)  # type: ignore[arg-type]
 
+    @torch.inference_mode(False)
     def build(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None) -> nn.Module:
-        """A new model with the listed layers factorized; the original model is untouched."""
+        """A new model with the listed layers factorized; the original model is untouched.
+
+        Always builds outside inference mode, so the result trains even when called from
+        inside ``torch.inference_mode()``.
+        """
         plan = self.resolve(ranks, schemes=schemes)
         replacements = {name: self.layer(name, rank, scheme=scheme) for name, (scheme, rank) in plan.items()}
         return clone_with(self.model, replacements)

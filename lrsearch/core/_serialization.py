@@ -149,6 +149,7 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+@torch.inference_mode(False)
 def apply_recipe(model: nn.Module, recipe: Mapping[str, Any]) -> nn.Module:
     """Give ``model`` (a fresh, dense instance) the low-rank structure the recipe describes.
 
@@ -213,6 +214,7 @@ def read_recipe(path: str | os.PathLike[str]) -> dict[str, Any]:
     return recipe
 
 
+@torch.inference_mode(False)
 def load(path: str | os.PathLike[str], model: nn.Module, *,
          map_location: str | torch.device | None = None) -> nn.Module:
     """Rebuild a saved compressed model on ``model``, a fresh instance of the original architecture.
@@ -272,6 +274,7 @@ def on_save_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = recipe
 
 
+@torch.inference_mode(False)
 def on_load_checkpoint(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     """Call from ``LightningModule.on_load_checkpoint`` so ``load_from_checkpoint`` works.
 

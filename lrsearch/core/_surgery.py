@@ -26,6 +26,7 @@ def _keep_module_path(_module: nn.Module, _args: tuple[Any, ...]) -> None:
 def _install(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    module.train(getattr(parent, child).training)
     setattr(parent, child, module)
     if isinstance(parent, _FUSED_PARENTS):
         module.register_forward_pre_hook(_keep_module_path)
@@ -54,7 +55,11 @@ def clone_with(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Mo
     The replaced modules are never copied (the deepcopy memo maps them straight to their
     replacements), so building a compressed model does not duplicate dense weights.
     """
-    memo: dict[int, Any] = {id(model.get_submodule(name)): new for name, new in replacements.items()}
+    memo: dict[int, Any] = {}
+    for name, new in replacements.items():
+        original = model.get_submodule(name)
+        new.train(original.training)
+        memo[id(original)] = new
     clone = copy.deepcopy(model, memo)
     for name, module in replacements.items():
         _install(clone, name, module)
