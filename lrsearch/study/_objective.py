@@ -25,6 +25,7 @@ __all__ = ["CONSTRAINT", "Objective", "PlanCosts"]
 
 CONSTRAINT = "accuracy_drop_over_budget"
 OBJECTIVES = ("latency", "macs", "params")
+_OWN_ATTRS = frozenset({"warm_start", "duplicate_of"})  # describe a trial, not its configuration
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class Objective:
         for key, value in twin.constraints.items():
             trial.set_constraint(key, value)
         for key, value in twin.user_attrs.items():
-            trial.set_user_attr(key, value)
+            if key not in _OWN_ATTRS:
+                trial.set_user_attr(key, value)
         trial.set_user_attr("duplicate_of", twin.number)
         if twin.state == TrialState.PRUNED:
             raise optuna.TrialPruned(f"same configuration as trial {twin.number}, which was pruned")

