@@ -82,8 +82,8 @@ def uniform_allocation(decomposition: Decomposition, space: SearchSpace, *,
 
 
 def warm_starts(decomposition: Decomposition, space: SearchSpace, cost: CostFn, *,
-                greedy_fractions: Sequence[float] = (0.15, 0.25, 0.4, 0.6),
-                energy_thresholds: Sequence[float] = (0.9, 0.95, 0.99),
+                greedy_fractions: Sequence[float] = (0.2, 0.35, 0.5, 0.7),
+                energy_thresholds: Sequence[float] = (0.95, 0.99, 0.995, 0.999),
                 uniform_fractions: Sequence[float] = (0.125, 0.25, 0.5)) -> list[tuple[str, dict[str, Choice]]]:
     """Labelled allocations, cheapest-first within each family, without duplicates."""
     kept = kept_energy(decomposition, space)

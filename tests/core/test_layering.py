@@ -1,5 +1,5 @@
-"""Layering: ``lrsearch`` and ``lrsearch.core`` depend on torch only, and their public names are
-sorted and importable."""
+"""Layering: ``lrsearch.core`` and ``lrsearch.measure`` (layers 1 and 2) and the demo never import
+Optuna or Lightning, and the public names are sorted and importable."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import lrsearch.core
 
 HEAVY = ("optuna", "optuna_dashboard", "pytorch_lightning", "lightning")
 PACKAGE = Path(lrsearch.__file__).parent
-TORCH_ONLY_FILES = sorted([*(PACKAGE / "core").rglob("*.py"), PACKAGE / "_errors.py",
+TORCH_ONLY_FILES = sorted([*(PACKAGE / "core").rglob("*.py"), *(PACKAGE / "measure").rglob("*.py"),
+                           *(PACKAGE / "demo").rglob("*.py"), PACKAGE / "_errors.py",
                            PACKAGE / "_atomic.py", PACKAGE / "_version.py"])
 
 SCRIPT = """
@@ -25,10 +26,13 @@ import json, sys
 import torch
 import lrsearch
 import lrsearch.core
+import lrsearch.measure
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
 small = lrsearch.factorize(model, 2, method="whitened", calibration=[torch.randn(4, 6)])
 assert isinstance(small[0], lrsearch.LowRankLinear), type(small[0])
+lrsearch.measure.parse_budget("0.5%%")
+lrsearch.measure.Evaluator([(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))]).evaluate(small)
 heavy = %r
 print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in heavy)))
 import optuna  # the probe must see a heavy module once something imports it

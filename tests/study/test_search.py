@@ -111,11 +111,12 @@ def test_warm_starts_run_first_and_cost_no_extra_evaluation(trained, tmp_path: P
 def test_resume_keeps_finished_trials(trained, tmp_path: Path) -> None:
     model, val = trained
     first = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "n_trials": 5})
-    finished = {t.number: (t.params, t.datetime_complete) for t in _study(first).trials}
+    finished = {t.number: (t.params, t.datetime_complete) for t in _study(first).trials if t.state.is_finished()}
+    assert len(finished) == 5
     second = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "n_trials": 9})
-    trials = _study(second).trials
+    trials = [t for t in _study(second).trials if t.state.is_finished()]
     assert len(trials) == 9
-    assert {t.number: (t.params, t.datetime_complete) for t in trials[:5]} == finished
+    assert {t.number: (t.params, t.datetime_complete) for t in trials if t.number in finished} == finished
 
 
 def test_resume_refuses_other_data(trained, tmp_path: Path) -> None:
