@@ -2,8 +2,9 @@
 
 The package is layered: ``lrsearch.core`` (torch only) holds the layers, decomposition,
 cost model, surgery and save/load; ``lrsearch.measure`` the budget, evaluation and latency
-table; ``lrsearch.study`` the Optuna search. The search names are imported lazily, so
-``import lrsearch`` for factorizing or loading a model never imports Optuna.
+table; ``lrsearch.study`` the Optuna search; ``lrsearch.pipeline`` fine-tuning, verification,
+the report and the Lightning callback. The upper layers are imported lazily, so
+``import lrsearch`` for factorizing or loading a model never imports Optuna or Lightning.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from lrsearch.core import (
     Cost,
     Decomposition,
     LayerGeometry,
+    LowRankCheckpointMixin,
     LowRankConv2d,
     LowRankLinear,
     apply_recipe,
@@ -47,6 +49,10 @@ from lrsearch.core import (
 )
 
 _LAZY = {
+    "CompressionResult": "lrsearch.pipeline",
+    "FinetuneConfig": "lrsearch.pipeline",
+    "RankSearch": "lrsearch.pipeline",
+    "compress": "lrsearch.pipeline",
     "Candidate": "lrsearch.study",
     "SearchConfig": "lrsearch.study",
     "SearchResult": "lrsearch.study",
@@ -57,6 +63,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from lrsearch.measure import Budget, parse_budget
+    from lrsearch.pipeline import CompressionResult, FinetuneConfig, RankSearch, compress
     from lrsearch.study import Candidate, SearchConfig, SearchResult, search
 
 
@@ -76,15 +83,19 @@ __all__ = [
     "CONV_SCHEMES",
     "CalibrationError",
     "Candidate",
+    "CompressionResult",
     "Cost",
     "DENSE",
     "Decomposition",
+    "FinetuneConfig",
     "InvalidRankError",
     "LayerGeometry",
+    "LowRankCheckpointMixin",
     "LowRankConv2d",
     "LowRankLinear",
     "LrSearchError",
     "NoMatchingModuleError",
+    "RankSearch",
     "RecipeError",
     "SearchConfig",
     "SearchResult",
@@ -94,6 +105,7 @@ __all__ = [
     "apply_recipe",
     "break_even_rank",
     "candidate_ranks",
+    "compress",
     "count_macs",
     "count_params",
     "dense_cost",

@@ -23,6 +23,7 @@ from lrsearch.core._linear import LowRankLinear
 from lrsearch.core._runtime import default_forward, evaluating
 from lrsearch.core._serialization import (
     CHECKPOINT_KEY,
+    LowRankCheckpointMixin,
     apply_recipe,
     get_recipe,
     load,
@@ -41,6 +42,7 @@ __all__ = [
     "Decomposition",
     "LayerGeometry",
     "LayerStatistics",
+    "LowRankCheckpointMixin",
     "LowRankConv2d",
     "LowRankLinear",
     "MatrixFactors",

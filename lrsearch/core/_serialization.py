@@ -35,6 +35,7 @@ from lrsearch.core._surgery import install
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "LowRankCheckpointMixin",
     "RECIPE_FILE",
     "apply_recipe",
     "get_recipe",
@@ -290,3 +291,20 @@ def on_load_checkpoint(module: nn.Module, checkpoint: Mapping[str, Any]) -> None
     if "state_dict" in checkpoint:
         _check_state(checkpoint["state_dict"], _expected_shapes(module, plan), source="the checkpoint")
     install(module, plan)
+
+
+class LowRankCheckpointMixin:
+    """Mix into a LightningModule (before ``LightningModule``) so its checkpoints keep low-rank layers.
+
+    ``class Model(lrsearch.LowRankCheckpointMixin, pl.LightningModule)`` makes
+    ``trainer.save_checkpoint`` store the recipe and ``Model.load_from_checkpoint`` rebuild
+    the factorized layers before the strict state_dict load. Dense checkpoints load as before.
+    """
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        on_save_checkpoint(self, checkpoint)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        on_load_checkpoint(self, checkpoint)  # type: ignore[arg-type]
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]

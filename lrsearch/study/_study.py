@@ -83,7 +83,16 @@ class SearchResult:
     pareto: tuple[Candidate, ...]
     dense: dict[str, float]
     space: SearchSpace = field(repr=False)
+    decomposition: Decomposition = field(repr=False)
     latency_table: LatencyTable | None = field(default=None, repr=False)
+
+    def build(self, candidate: Candidate | None = None) -> nn.Module:
+        """The compressed model of ``candidate`` (default: the best), from the cached factors."""
+        candidate = candidate or self.best
+        if candidate is None:
+            raise LrSearchError(format_problem("No configuration met the budget, so there is nothing to build",
+                                               hint="pass one of result.pareto, or widen the budget."))
+        return self.decomposition.build(dict(candidate.ranks), schemes=candidate.schemes)
 
     @property
     def feasible(self) -> bool:
@@ -181,7 +190,8 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                   best=best_trial, full_ranks=full_ranks)
     result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
                           baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
-                          pareto=tuple(pareto), dense=dense, space=space, latency_table=table)
+                          pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
+                          latency_table=table)
     atomic_write_json(run_dir / "search-result.json", result.to_dict())
     return result
 

@@ -18,7 +18,8 @@ import lrsearch.core
 HEAVY = ("optuna", "optuna_dashboard", "pytorch_lightning", "lightning")
 PACKAGE = Path(lrsearch.__file__).parent
 TORCH_ONLY_FILES = sorted([*(PACKAGE / "core").rglob("*.py"), *(PACKAGE / "measure").rglob("*.py"),
-                           *(PACKAGE / "demo").rglob("*.py"), PACKAGE / "_errors.py",
+                           PACKAGE / "demo" / "__init__.py", PACKAGE / "demo" / "_mnist1d.py",
+                           PACKAGE / "_errors.py",
                            PACKAGE / "_atomic.py", PACKAGE / "_version.py"])
 
 SCRIPT = """

@@ -1,0 +1,20 @@
+"""Layer 4 of lrsearch: fine-tuning, verification, the report, the Lightning callback.
+
+``compress`` runs the whole pipeline on a LightningModule; ``RankSearch`` runs it from
+``trainer.fit``. The CLI is a thin layer over these.
+"""
+
+from lrsearch.pipeline._callback import RankSearch, RankSearchLogic
+from lrsearch.pipeline._compress import CompressionResult, compress
+from lrsearch.pipeline._data import DataError
+from lrsearch.pipeline._finetune import FinetuneConfig, finetune
+
+__all__ = [
+    "CompressionResult",
+    "DataError",
+    "FinetuneConfig",
+    "RankSearch",
+    "RankSearchLogic",
+    "compress",
+    "finetune",
+]

@@ -1,0 +1,210 @@
+"""The RankSearch callback end to end with a real Trainer on a tiny module and datamodule."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lrsearch
+from lrsearch.measure import Evaluator
+from lrsearch.pipeline import _compress
+from lrsearch.pipeline._data import DataError
+
+FAST = {"search": {"n_trials": 6, "objective": "macs", "seed": 1},
+        "finetune": {"epochs": 1, "progress": False, "accelerator": "cpu"}}
+
+
+def _split(seed: int, n: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=generator)
+    y = (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
+    return TensorDataset(x, y)
+
+
+class Classifier(lrsearch.LowRankCheckpointMixin, pl.LightningModule):
+    def __init__(self, hidden: int = 64, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, _index):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, _index):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, *, with_test: bool = True) -> None:
+        super().__init__()
+        self.with_test = with_test
+
+    def train_dataloader(self):
+        return DataLoader(_split(0, 1024), batch_size=64, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(_split(1, 512), batch_size=128)
+
+    def test_dataloader(self):
+        if not self.with_test:
+            raise NotImplementedError
+        return DataLoader(_split(2, 512), batch_size=128)
+
+
+class Snapshot(pl.Callback):
+    """Runs before RankSearch in on_fit_end and records the trained module's state."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.types = [type(m) for m in pl_module.modules()]
+
+
+def _fit(tmp_path: Path, callback: lrsearch.RankSearch, *, datamodule=None, **fit_kwargs):
+    torch.manual_seed(0)
+    module = Classifier()
+    snapshot = Snapshot()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
+                         callbacks=[snapshot, callback])
+    trainer.fit(module, datamodule=datamodule, **fit_kwargs)
+    return module, trainer, snapshot
+
+
+def _loader_batches(loader) -> list:
+    return list(loader)
+
+
+def test_callback_compresses_saves_and_reloads(tmp_path: Path) -> None:
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", **FAST)
+    module, _, snapshot = _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    assert result is not None and result.meets_budget, result.report.get("message")
+    assert all(torch.equal(snapshot.state[k], v) for k, v in module.state_dict().items())
+    assert [type(m) for m in module.modules()] == snapshot.types
+    run = tmp_path / "lrs"
+    for name in ("model/recipe.json", "compressed.ckpt", "report.json", "report.html", "search/study.db"):
+        assert (run / name).is_file(), name
+    compressed = result.model.eval()
+    x = torch.randn(32, 16)
+    reloaded = lrsearch.load(run / "model", Classifier()).eval()
+    assert torch.equal(reloaded(x), compressed(x))
+    from_checkpoint = Classifier.load_from_checkpoint(run / "compressed.ckpt").eval()
+    assert torch.equal(from_checkpoint(x), compressed(x))
+    assert any(isinstance(m, lrsearch.LowRankLinear) for m in from_checkpoint.modules())
+
+    report = json.loads((run / "report.json").read_text())
+    test_batches = _loader_batches(Data().test_dataloader())
+    assert report["meets_budget"] is True
+    assert report["splits"]["verify"] == "test"
+    assert report["final"]["verify_metric"] == pytest.approx(Evaluator(test_batches).evaluate(compressed).value)
+    assert report["dense"]["verify_metric"] == pytest.approx(Evaluator(test_batches).evaluate(module).value)
+    assert report["final"]["params"] == lrsearch.count_params(compressed)
+    assert report["final"]["verify_drop"] <= report["allowed_drop"]
+    assert report["final"]["ranks"] == {k: v for k, v in result.ranks.items()}
+
+
+def _breaking_finetune(*, first_only: bool):
+    """A finetune stand-in that zeroes the fine-tuned weights (of the first candidate only, or of all)."""
+    real = _compress.finetune
+    calls: list[int] = []
+
+    def fake(module, **kwargs):
+        tuned = real(module, **kwargs)
+        calls.append(1)
+        if len(calls) == 1 or not first_only:
+            with torch.no_grad():
+                for parameter in tuned.parameters():
+                    parameter.zero_()
+        return tuned
+
+    return fake, calls
+
+
+def test_falls_back_to_the_next_candidate(tmp_path: Path, monkeypatch) -> None:
+    fake, calls = _breaking_finetune(first_only=True)
+    monkeypatch.setattr(_compress, "finetune", fake)
+    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_candidates=3,
+                                   search={**FAST["search"], "n_trials": 12}, finetune=FAST["finetune"])
+    _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    assert len(result.search.pareto) >= 2, "the tiny search must leave two candidates to fall back on"
+    attempts = result.report["attempts"]
+    assert [a["meets_budget"] for a in attempts] == [False, True]
+    assert [a["trial"] for a in attempts] == [c.trial for c in result.search.pareto[:2]]
+    assert result.meets_budget and result.candidate.trial == result.search.pareto[1].trial
+
+
+def test_none_holds_is_reported_plainly(tmp_path: Path, monkeypatch) -> None:
+    fake, calls = _breaking_finetune(first_only=False)
+    monkeypatch.setattr(_compress, "finetune", fake)
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", max_candidates=2, **FAST)
+    _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    assert result.meets_budget is False and result.model is None
+    assert len(calls) == min(2, len(result.search.pareto))
+    assert not (tmp_path / "lrs" / "model").exists() and not (tmp_path / "lrs" / "compressed.ckpt").exists()
+    report = json.loads((tmp_path / "lrs" / "report.json").read_text())
+    assert report["meets_budget"] is False and "final" not in report
+    assert "No configuration met the budget" in report["message"]
+
+
+def test_swap_puts_the_compressed_layers_into_the_module(tmp_path: Path) -> None:
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", swap=True, **FAST)
+    module, _, _ = _fit(tmp_path, callback, datamodule=Data())
+    assert callback.result.meets_budget
+    assert any(isinstance(m, lrsearch.LowRankLinear) for m in module.modules())
+    x = torch.randn(8, 16)
+    assert torch.equal(module.eval()(x), callback.result.model.eval()(x))
+
+
+def test_plain_dataloaders_without_test_split_hold_out_validation(tmp_path: Path) -> None:
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", **FAST)
+    with pytest.warns(UserWarning, match="no test split"):
+        _fit(tmp_path, callback, train_dataloaders=Data().train_dataloader(),
+             val_dataloaders=Data().val_dataloader())
+    assert "held out" in callback.result.report["splits"]["verify"]
+
+
+def test_missing_validation_data_is_a_clear_error(tmp_path: Path) -> None:
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", **FAST)
+    with pytest.raises(DataError, match="validation data") as error:
+        _fit(tmp_path, callback, train_dataloaders=Data().train_dataloader())
+    assert "HINT" in str(error.value)
+
+
+def test_runs_only_on_global_rank_zero(tmp_path: Path) -> None:
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", **FAST)
+    trainer = types.SimpleNamespace(is_global_zero=False, default_root_dir=str(tmp_path))
+    callback.on_fit_end(trainer, Classifier())
+    assert callback.result is None
+    assert not (tmp_path / "lrs").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"budget": "abc"}, lrsearch.BudgetError, "abc"),
+    ({"budget": "100%"}, lrsearch.BudgetError, "100"),
+    ({"search": {"n_trails": 3}}, TypeError, "n_trails"),
+    ({"finetune": {"epoch": 1}}, TypeError, "epoch"),
+    ({"max_candidates": 0}, ValueError, "max_candidates"),
+    ({"verify_fraction": 1.0}, ValueError, "verify_fraction"),
+    ({"search": "fast"}, TypeError, "search"),
+], ids=["budget-abc", "budget-100", "search-typo", "finetune-typo", "candidates-0", "fraction-1", "search-str"])
+def test_arguments_are_validated_in_init(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        lrsearch.RankSearch(**kwargs)
