@@ -49,6 +49,7 @@ class RankSearchLogic:
     """Everything of the callback except its Lightning base class (see :class:`RankSearch`)."""
 
     def __init__(self, budget: str | float = "0.5%", *, run_dir: str | Path | None = None,
+                 search_budget: str | float | None = None,
                  search: SearchConfig | Mapping[str, Any] | None = None,
                  finetune: FinetuneConfig | Mapping[str, Any] | None = None, max_candidates: int = 3,
                  verify_fraction: float = 0.3, metric: Any = None, metric_name: str | None = None,
@@ -58,6 +59,8 @@ class RankSearchLogic:
         super().__init__()
         self.search_config: SearchConfig = _config(search, SearchConfig, "search")
         self.budget = parse_budget(budget, relative=self.search_config.relative_budget)
+        self.search_budget = None if search_budget is None else parse_budget(
+            search_budget, relative=self.search_config.relative_budget)
         self.finetune_config: FinetuneConfig = _config(finetune, FinetuneConfig, "finetune")
         if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
             raise ValueError(f"max_candidates must be an integer of at least 1 but got {max_candidates!r}.")
@@ -85,6 +88,7 @@ class RankSearchLogic:
             loaders = {"train_dataloaders": trainer.train_dataloader, "val_dataloaders": trainer.val_dataloaders}
         self.result = compress(
             pl_module, budget=self.budget.drop, run_dir=run_dir, datamodule=datamodule,
+            search_budget=None if self.search_budget is None else self.search_budget.drop,
             search_config=self.search_config, finetune_config=self.finetune_config,
             max_candidates=self.max_candidates, verify_fraction=self.verify_fraction, metric=self.metric,
             metric_name=self.metric_name, batch_fn=self.batch_fn, forward=self.forward,

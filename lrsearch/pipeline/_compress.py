@@ -20,6 +20,7 @@ import torch
 from optuna import load_study
 from optuna.trial import TrialState
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lrsearch._atomic import atomic_write_bytes
 from lrsearch._version import __version__
@@ -58,6 +59,7 @@ class CompressionResult:
 
 
 def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
+             search_budget: str | float | None = None,
              datamodule: Any = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
              test_dataloaders: Any = None, search_config: SearchConfig | None = None,
              finetune_config: FinetuneConfig | None = None, max_candidates: int = 3,
@@ -67,6 +69,11 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
              show_progress_bar: bool = False) -> CompressionResult:
     """Compress a trained LightningModule end to end; the module itself is never modified.
 
+    ``budget`` is checked on the verification split after fine-tuning. ``search_budget``
+    (default: the same) is the constraint of the search, which scores candidates *before*
+    fine-tuning: a looser one lets the search propose smaller models that fine-tuning may
+    bring back within ``budget``; candidates that do not are rejected and the next is tried.
+
     Writes into ``run_dir``: ``search/`` (the Optuna study and latency table), one
     ``finetune-trial<N>/`` folder per candidate tried, and, when a candidate holds, ``model/``
     (``lrsearch.save`` format) and ``compressed.ckpt`` (for ``Model.load_from_checkpoint``
@@ -75,13 +82,15 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
         raise ValueError(f"max_candidates must be an integer of at least 1 but got {max_candidates!r}.")
     namespace_of(module)
-    parsed = parse_budget(budget, relative=(search_config or SearchConfig()).relative_budget)
+    relative = (search_config or SearchConfig()).relative_budget
+    parsed = parse_budget(budget, relative=relative)
+    searched = parse_budget(search_budget if search_budget is not None else budget, relative=relative)
     finetune_config = finetune_config or FinetuneConfig()
     run_dir = Path(run_dir)
     data = resolve_data(datamodule=datamodule, train_dataloaders=train_dataloaders,
                         val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders,
                         verify_fraction=verify_fraction)
-    config = replace(search_config or SearchConfig(), budget=parsed.drop, run_dir=str(run_dir / "search"))
+    config = replace(search_config or SearchConfig(), budget=searched.drop, run_dir=str(run_dir / "search"))
     result = search(module, data.search, config, calibration=calibration_batches(data.train, data.search),
                     metric=metric, metric_name=metric_name, batch_fn=batch_fn, forward=forward,
                     target_modules=target_modules, exclude_modules=exclude_modules, conv_scheme=conv_scheme,
@@ -97,7 +106,8 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
         tuned = result.build(candidate)
         tuned = finetune(clone_module(tuned), teacher=clone_module(module),
                          root_dir=run_dir / f"finetune-trial{candidate.trial}", config=finetune_config,
-                         train_dataloaders=data.train, forward=forward)
+                         train_dataloaders=data.train, val_dataloaders=DataLoader(data.search, batch_size=None),
+                         forward=forward)
         value = verifier.evaluate(tuned).value
         drop = sign * (base_verify - value)
         holds = drop <= allowed
@@ -108,7 +118,7 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
         if holds:
             final = (candidate, tuned, value)
             break
-    report = _report(module, result, data, final=final, attempts=attempts, allowed=allowed,
+    report = _report(module, result, data, budget=str(parsed), final=final, attempts=attempts, allowed=allowed,
                      base_verify=base_verify, searcher=searcher, config=config, forward=forward,
                      metric_name=metric_name)
     paths: dict[str, Path] = {}
@@ -141,7 +151,7 @@ def _measure(model: nn.Module, batch: Any, *, forward: ForwardFn | None, threads
             "macs": macs_per_sample(model, batch, forward=forward)}
 
 
-def _report(module: nn.Module, result: SearchResult, data: PipelineData, *,
+def _report(module: nn.Module, result: SearchResult, data: PipelineData, *, budget: str,
             final: tuple[Candidate, nn.Module, float] | None, attempts: list[dict[str, Any]], allowed: float,
             base_verify: float, searcher: Evaluator, config: SearchConfig, forward: ForwardFn | None,
             metric_name: str | None) -> dict[str, Any]:
@@ -152,14 +162,14 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *,
              "search_metric": result.baseline, "verify_metric": base_verify}
     report: dict[str, Any] = {
         "lrsearch_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "budget": str(result.budget), "allowed_drop": allowed, "metric": metric_name or "accuracy",
+        "budget": budget, "search_budget": str(result.budget), "allowed_drop": allowed, "metric": metric_name or "accuracy",
         "objective": config.objective, "meets_budget": final is not None, "device": config.device,
         "threads": threads, "batch_size": batch_size_of(batch), "dense": dense, "attempts": attempts,
         "splits": {"search": data.search_split, "verify": data.verify_split},
         "layer_order": list(result.decomposition.targets),
         "trials": _trials(result, config.objective)}
     if final is None:
-        report["message"] = (f"No configuration met the budget {result.budget} on {data.verify_split} after "
+        report["message"] = (f"No configuration met the budget {budget} on {data.verify_split} after "
                              f"fine-tuning ({len(attempts)} tried). Nothing was saved as compressed.")
         return report
     candidate, model, value = final
@@ -174,7 +184,7 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *,
         "full_ranks": {name: list(rank) if isinstance(rank, tuple) else rank for name, rank in full_ranks.items()},
         "speedup": dense["latency_ms"] / measured["latency_ms"],
         "predicted_speedup": (table.dense_model * 1e3 / predicted) if table and predicted else None}
-    report["message"] = (f"Trial {candidate.trial} meets the budget {result.budget} on {data.verify_split} after "
+    report["message"] = (f"Trial {candidate.trial} meets the budget {budget} on {data.verify_split} after "
                          f"fine-tuning: drop {attempts[-1]['verify_drop']:.4f} <= {allowed:.4f}.")
     return report
 

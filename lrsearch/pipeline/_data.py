@@ -71,7 +71,8 @@ def resolve_data(*, datamodule: Any = None, train_dataloaders: Any = None, val_d
             "lrsearch needs validation data to search ranks on, and none was given",
             expected="val_dataloaders=..., or a datamodule with val_dataloader()",
             given=f"data for {available or 'nothing'}",
-            hint="pass val_dataloaders to trainer.fit(...) or implement val_dataloader() in the datamodule."))
+            hint="pass val_dataloaders to trainer.fit(...) or implement val_dataloader() in the datamodule; "
+                 "Lightning keeps val_dataloaders only when the module defines validation_step."))
     validation = list(_first_loader(val_dataloaders))
     if not validation:
         raise DataError(format_problem("The validation dataloader is empty", expected="at least one batch"))

@@ -179,9 +179,11 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                           allowed_drop=allowed, costs=costs, objective=config.objective,
                           two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                           early_abort=config.early_abort)
-    study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout,
-                   callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks],
-                   catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
+    remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+    if remaining > 0:  # optimize() would run one trial even when the study already has enough
+        study.optimize(objective, n_trials=remaining, timeout=config.timeout,
+                       callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks],
+                       catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
     pareto = _feasible_pareto(study, config.objective)
     best = pareto[0] if pareto else None
     full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}

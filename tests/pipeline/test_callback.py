@@ -208,3 +208,36 @@ def test_runs_only_on_global_rank_zero(tmp_path: Path) -> None:
 def test_arguments_are_validated_in_init(kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         lrsearch.RankSearch(**kwargs)
+
+
+def test_lightning_namespace_callback(tmp_path: Path) -> None:
+    """``lightning.pytorch`` Trainers get their own RankSearch subclass."""
+    lp = pytest.importorskip("lightning.pytorch")
+    from lrsearch.lightning import RankSearch
+
+    class Module(lrsearch.LowRankCheckpointMixin, lp.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _index):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch, _index):
+            self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    callback = RankSearch("2%", run_dir=tmp_path / "lrs", **FAST)
+    assert isinstance(callback, lp.Callback) and not isinstance(callback, pl.Callback)
+    torch.manual_seed(0)
+    trainer = lp.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
+                         callbacks=[callback])
+    trainer.fit(Module(), train_dataloaders=Data().train_dataloader(), val_dataloaders=Data().val_dataloader())
+    assert callback.result is not None
+    assert (tmp_path / "lrs" / "report.json").is_file()

@@ -283,3 +283,10 @@ def test_two_workers_share_a_journal_file(trained, tmp_path: Path) -> None:
     assert len(numbers) == len(set(numbers))
     assert 14 <= len(trials) <= 14 + 2
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+
+
+def test_a_study_with_enough_trials_runs_no_more(trained, tmp_path: Path) -> None:
+    model, val = trained
+    search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "n_trials": 4})
+    again = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "n_trials": 4})
+    assert len([t for t in _study(again).trials if t.state.is_finished()]) == 4
