@@ -24,19 +24,6 @@ from lrsearch.core._cost import (
 from lrsearch.core._linear import LowRankLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add synchronization cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
 
 BATCH = 3
 

@@ -11,25 +11,9 @@ import lrsearch
 from lrsearch.core._conv import LowRankConv2d
 from lrsearch.core._factors import matrix_factors, symmetric_sqrt, tucker2_factors
 from lrsearch.core._linear import LowRankLinear
+from tests.core._models import rel_err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add synchronization cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm())
 
 
 def ill_conditioned(n: int, condition: float = 100.0, *, seed: int = 0) -> torch.Tensor:

@@ -13,29 +13,13 @@ import lrsearch
 from lrsearch.core._conv import CONV_SCHEMES, LowRankConv2d, conv_full_rank, conv_weight_matrix
 from lrsearch.core._factors import matrix_factors, tucker2_factors
 from lrsearch.core._linear import LowRankLinear
+from tests.core._models import rel_err
 
 TOL32 = 1e-5
 IN_CHANNELS, OUT_CHANNELS = 3, 4
 INPUT_HW = (9, 10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add synchronization cost (10-50x on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm())
 
 
 def _pair(value):

@@ -3,9 +3,7 @@ leave the fresh model untouched, and Lightning checkpoints through the module's 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,19 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lrsearch
 from lrsearch import LowRankConv2d, LowRankLinear
+from tests.core import _models as M
 
-
-def _load_models():
-    name = "_lrsearch_core_test_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_models.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-M = _load_models()
 
 
 def _batches(shape, count=3, seed=100):
