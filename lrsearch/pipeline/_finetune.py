@@ -26,9 +26,10 @@ from torch import nn
 
 from lrsearch._errors import LrSearchError, format_problem
 from lrsearch.core._runtime import ForwardFn, default_forward, model_device
+from lrsearch.pipeline._data import DataError
 from lrsearch.pipeline._lightning import namespace_of
 
-__all__ = ["DistillationError", "FinetuneConfig", "FinetuneDataError", "finetune"]
+__all__ = ["DistillationError", "FinetuneConfig", "finetune"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -37,9 +38,6 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "max_lrs", "min_lrs", "_last_lr", "eta_min")
 
-
-class FinetuneDataError(LrSearchError, ValueError):
-    """Fine-tuning was given no training data, or data in a shape the Trainer cannot take."""
 
 
 class DistillationError(LrSearchError, ValueError):
@@ -165,11 +163,11 @@ def _check_data(namespace: ModuleType, module: Any, datamodule: Any, train_datal
     """Fail before the Trainer starts, with a message that says what to pass."""
     if datamodule is not None:
         if train_dataloaders is not None or val_dataloaders is not None:
-            raise FinetuneDataError(format_problem(
+            raise DataError(format_problem(
                 "Fine-tuning got both a datamodule and dataloaders", expected="one source of data",
                 hint="pass datamodule=... alone, or train_dataloaders=... (and val_dataloaders=...)."))
         if not isinstance(datamodule, namespace.LightningDataModule):
-            raise FinetuneDataError(format_problem(
+            raise DataError(format_problem(
                 "The datamodule does not belong to the module's Lightning package",
                 expected=f"a {namespace.__name__}.LightningDataModule",
                 given=f"an object of type {type(datamodule).__module__}.{type(datamodule).__qualname__}",
@@ -177,7 +175,7 @@ def _check_data(namespace: ModuleType, module: Any, datamodule: Any, train_datal
                      "train_dataloaders=datamodule.train_dataloader()."))
         return
     if train_dataloaders is None and type(module).train_dataloader is namespace.LightningModule.train_dataloader:
-        raise FinetuneDataError(format_problem(
+        raise DataError(format_problem(
             "Fine-tuning needs training data", expected="datamodule=... or train_dataloaders=...",
             given="neither, and the module defines no train_dataloader()",
             hint="pass the training DataLoader (trainer.train_dataloader from a callback) or the datamodule."))

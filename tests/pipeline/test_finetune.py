@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lrsearch._errors import LrSearchError
-from lrsearch.pipeline._finetune import DistillationError, FinetuneConfig, FinetuneDataError, finetune
+from lrsearch.pipeline._data import DataError
+from lrsearch.pipeline._finetune import DistillationError, FinetuneConfig, finetune
 from lrsearch.pipeline._lightning import NotALightningModuleError, clone_module, is_lightning_module, namespace_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytorch_lightning.utilities.warnings.PossibleUserWarning")
@@ -297,15 +298,15 @@ def test_config_to_dict_round_trips() -> None:
 def test_missing_or_conflicting_data_raises_a_typed_error(tmp_path: Path) -> None:
     original, clone, _ = _pretrain(tmp_path)
     config = FinetuneConfig(**FAST)
-    with pytest.raises(FinetuneDataError, match="needs training data") as info:
+    with pytest.raises(DataError, match="needs training data") as info:
         finetune(clone, teacher=original, root_dir=tmp_path, config=config)
     assert isinstance(info.value, LrSearchError) and isinstance(info.value, ValueError)
     assert "HINT:" in str(info.value)
     datamodule = pl.LightningDataModule.from_datasets(_loader().dataset, batch_size=16)
-    with pytest.raises(FinetuneDataError, match="both a datamodule and dataloaders"):
+    with pytest.raises(DataError, match="both a datamodule and dataloaders"):
         finetune(clone, teacher=original, root_dir=tmp_path, config=config, datamodule=datamodule,
                  train_dataloaders=_loader())
-    with pytest.raises(FinetuneDataError, match="LightningDataModule"):
+    with pytest.raises(DataError, match="LightningDataModule"):
         finetune(clone, teacher=original, root_dir=tmp_path, config=config, datamodule=object())
 
 
