@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--lr-scale", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true", help="20 trials, 1 epoch")
     args = parser.parse_args()
     trials, epochs = (20, 1) if args.quick else (args.trials, args.epochs)
@@ -45,16 +46,18 @@ def main() -> None:
         result = lrsearch.compress(
             module, budget=args.budget, search_budget=args.search_budget, run_dir=run_dir, datamodule=datamodule,
             search_config=SearchConfig(n_trials=trials, threads=args.threads, batch_size=256, seed=0),
-            finetune_config=FinetuneConfig(epochs=epochs, progress=False, accelerator="cpu"),
+            finetune_config=FinetuneConfig(epochs=epochs, lr_scale=args.lr_scale, progress=False, accelerator="cpu"),
             max_candidates=args.candidates)
         seconds = time.perf_counter() - started
     report = result.report
     figures = {"budget": args.budget, "search_budget": args.search_budget, "trials": trials, "epochs": epochs,
+               "lr_scale": args.lr_scale, "candidates": args.candidates,
                "threads": args.threads, "seconds": round(seconds, 1), "meets_budget": result.meets_budget,
                "message": report["message"], "dense": report["dense"], "final": report.get("final"),
                "attempts": report["attempts"]}
     RESULTS.mkdir(exist_ok=True)
-    name = "pipeline_mlp_quick.json" if args.quick else f"pipeline_mlp_search{args.search_budget.rstrip('%')}.json"
+    name = "pipeline_mlp_quick.json" if args.quick else (
+        f"pipeline_mlp_search{args.search_budget.rstrip('%')}_e{epochs}_lr{args.lr_scale:g}.json")
     (RESULTS / name).write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
 

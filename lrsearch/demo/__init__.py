@@ -8,6 +8,7 @@ from lrsearch.demo._mnist1d import (
     default_cache_dir,
     evaluate_accuracy,
     load_mnist1d,
+    pretrained_cnn,
     pretrained_mlp,
     train_classifier,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "default_cache_dir",
     "evaluate_accuracy",
     "load_mnist1d",
+    "pretrained_cnn",
     "pretrained_mlp",
     "train_classifier",
 ]

@@ -15,6 +15,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from torch.nn import functional as F
 
 from lrsearch._atomic import atomic_write_bytes
 
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
 _CACHE_ENV_VAR = "LRSEARCH_CACHE_DIR"
 # Part of every cache file name; bump when generation, splitting or training changes.
 _CACHE_FORMAT = 1
@@ -30,6 +33,7 @@ _VAL_FRACTION = 0.2
 _SIGNAL_LENGTH = 40
 _NUM_CLASSES = 10
 _PRETRAINED_EPOCHS = 30
+_PRETRAINED_CNN_EPOCHS = 15
 
 
 def default_cache_dir() -> Path:
@@ -250,20 +254,35 @@ def pretrained_mlp(
     Raises:
         ValueError: If ``seed`` is out of range or ``epochs`` is below 1.
     """
+    return _pretrained("mlp", Mnist1dMLP, seed=seed, cache_dir=cache_dir, epochs=epochs)
+
+
+def pretrained_cnn(
+    *, seed: int = 0, cache_dir: Path | None = None, epochs: int = _PRETRAINED_CNN_EPOCHS
+) -> tuple[Mnist1dCNN, Mnist1dSplits]:
+    """Return a default :class:`Mnist1dCNN` trained on MNIST-1D, and the data splits.
+
+    Same caching as :func:`pretrained_mlp`; only the first call trains (15 epochs).
+    """
+    return _pretrained("cnn", Mnist1dCNN, seed=seed, cache_dir=cache_dir, epochs=epochs)
+
+
+def _pretrained(name: str, build: type[ModelT], *, seed: int, cache_dir: Path | None,
+                epochs: int) -> tuple[ModelT, Mnist1dSplits]:
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1 but got {epochs}.")
     splits = load_mnist1d(seed=seed, cache_dir=cache_dir)
-    path = _cache_root(cache_dir) / f"mnist1d-mlp-v{_CACHE_FORMAT}-seed{seed}-e{epochs}.pt"
+    path = _cache_root(cache_dir) / f"mnist1d-{name}-v{_CACHE_FORMAT}-seed{seed}-e{epochs}.pt"
     if path.exists():
-        model = _seeded_mlp(seed)
+        model = _seeded(build, seed)
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as exc:  # any unreadable or mismatched cache entry is rebuilt
-            warnings.warn(f"Ignoring unreadable cached weights {path} ({exc}); retraining.", stacklevel=2)
+            warnings.warn(f"Ignoring unreadable cached weights {path} ({exc}); retraining.", stacklevel=3)
         else:
             return model.eval(), splits
 
-    model = _seeded_mlp(seed)
+    model = _seeded(build, seed)
     train_classifier(model, splits, epochs=epochs, seed=seed)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -271,10 +290,10 @@ def pretrained_mlp(
     return model, splits
 
 
-def _seeded_mlp(seed: int) -> Mnist1dMLP:
+def _seeded(build: type[ModelT], seed: int) -> ModelT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Mnist1dMLP()
+        return build()
 
 
 def _device_of(model: nn.Module) -> torch.device:

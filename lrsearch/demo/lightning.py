@@ -7,7 +7,7 @@ fine-tune, verify, checkpoint) on a real LightningModule without any download.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -15,18 +15,48 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.core import LowRankCheckpointMixin
-from lrsearch.demo._mnist1d import Mnist1dMLP, Mnist1dSplits, load_mnist1d, pretrained_mlp
+from lrsearch.demo._mnist1d import (
+    Mnist1dCNN,
+    Mnist1dMLP,
+    Mnist1dSplits,
+    load_mnist1d,
+    pretrained_cnn,
+    pretrained_mlp,
+)
 
-__all__ = ["Mnist1dClassifier", "Mnist1dDataModule", "pretrained_classifier"]
+ARCHITECTURES = ("mlp", "cnn")
+
+__all__ = ["ARCHITECTURES", "Mnist1dClassifier", "Mnist1dDataModule", "pretrained_classifier"]
 
 
 class Mnist1dClassifier(LowRankCheckpointMixin, pl.LightningModule):
-    """The demo MLP as a LightningModule (cross-entropy, Adam); compressed checkpoints reload."""
+    """The demo MLP (or CNN) as a LightningModule (cross-entropy, Adam); compressed checkpoints reload.
 
-    def __init__(self, *, hidden: int = 512, depth: int = 3, lr: float = 1e-3) -> None:
+    Args:
+        arch: ``"mlp"`` (:class:`Mnist1dMLP`) or ``"cnn"`` (:class:`Mnist1dCNN`).
+        hidden, depth: sizes of the MLP (ignored for the CNN).
+        lr: Adam learning rate.
+        pretrained: load the cached pretrained weights of the default-size network (trained on
+            first use, see :func:`pretrained_mlp`), so a config file can name a trained model.
+            Not saved as a hyperparameter: ``load_from_checkpoint`` never retrains.
+        seed, cache_dir: which pretrained weights, and where they are cached.
+    """
+
+    def __init__(self, *, arch: Literal["mlp", "cnn"] = "mlp", hidden: int = 512, depth: int = 3,
+                 lr: float = 1e-3, pretrained: bool = False, seed: int = 0,
+                 cache_dir: Path | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.net = Mnist1dMLP(hidden=hidden, depth=depth)
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"arch must be one of {list(ARCHITECTURES)} but got {arch!r}.")
+        self.save_hyperparameters(ignore=["pretrained", "seed", "cache_dir"])
+        self.net: nn.Module = Mnist1dMLP(hidden=hidden, depth=depth) if arch == "mlp" else Mnist1dCNN()
+        if pretrained:
+            if arch == "mlp" and (hidden, depth) != (512, 3):
+                raise ValueError(f"pretrained weights exist for hidden=512, depth=3 only but got "
+                                 f"hidden={hidden}, depth={depth}.")
+            trained, _ = (pretrained_mlp if arch == "mlp" else pretrained_cnn)(seed=seed, cache_dir=cache_dir)
+            self.net.load_state_dict(trained.state_dict())
+            self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -1,13 +1,15 @@
 """Layer 4 of lrsearch: fine-tuning, verification, the report, the Lightning callback.
 
 ``compress`` runs the whole pipeline on a LightningModule; ``RankSearch`` runs it from
-``trainer.fit``. The CLI is a thin layer over these.
+``trainer.fit``; ``search_worker`` runs only its search, as one of several workers on a
+shared study. The CLI is a thin layer over these.
 """
 
 from lrsearch.pipeline._callback import RankSearch, RankSearchLogic
 from lrsearch.pipeline._compress import CompressionResult, compress
 from lrsearch.pipeline._data import DataError
 from lrsearch.pipeline._finetune import FinetuneConfig, finetune
+from lrsearch.pipeline._worker import search_worker
 
 __all__ = [
     "CompressionResult",
@@ -17,4 +19,5 @@ __all__ = [
     "RankSearchLogic",
     "compress",
     "finetune",
+    "search_worker",
 ]

@@ -34,6 +34,7 @@ from lrsearch.pipeline._finetune import FinetuneConfig, finetune
 from lrsearch.pipeline._lightning import clone_module, namespace_of
 from lrsearch.pipeline._report import write_report
 from lrsearch.study import Candidate, SearchConfig, SearchResult, search
+from lrsearch.study._storage import open_storage
 
 __all__ = ["CompressionResult", "compress"]
 
@@ -190,7 +191,8 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *, budg
 
 
 def _trials(result: SearchResult, objective: str) -> list[dict[str, Any]]:
-    study = load_study(study_name=result.study_name, storage=result.storage)
+    # result.storage is lrsearch's URL (journal:PATH too), which only open_storage understands
+    study = load_study(study_name=result.study_name, storage=open_storage(result.storage, heartbeat_interval=None))
     rows = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         attrs = trial.user_attrs

@@ -4,7 +4,7 @@ early abort, storage and the data optuna-dashboard shows)."""
 from lrsearch.study._config import SearchConfig
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import LayerSpace, SearchSpace, param_name
-from lrsearch.study._storage import StorageError, open_storage, sqlite_url
+from lrsearch.study._storage import StorageError, fail_stale_trials, open_storage, sqlite_url
 from lrsearch.study._study import Candidate, SearchResult, search
 from lrsearch.study._warmstart import warm_starts
 
@@ -18,6 +18,7 @@ __all__ = [
     "SearchResult",
     "SearchSpace",
     "StorageError",
+    "fail_stale_trials",
     "open_storage",
     "param_name",
     "search",

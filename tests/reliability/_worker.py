@@ -1,0 +1,98 @@
+"""One search worker process of the reliability tests: ``python _worker.py SPEC.json``.
+
+SPEC holds the saved model and data (see the ``saved`` fixture), the ``search`` options, and
+test knobs: ``trial_sleep`` (seconds each trial sleeps once its parameters are chosen, so
+workers overlap and a signal lands inside a trial), ``hang_marker`` (the first trial writes
+this file and then sleeps until it is killed), ``ready``/``go`` (write ``ready``, then wait for ``go`` before
+searching, so all workers start together), ``progress`` (a file holding how many trials this
+process has finished, written after each) and ``result`` (a JSON file this process writes
+when its search returns). Ctrl-C ends the process with status 130 and no traceback, as a CLI would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def _slow_trials(*, trial_sleep: float, hang_marker: str | None) -> None:
+    """Make every trial sleep (or hang, if ``hang_marker``) once its parameters are chosen.
+
+    The sleep sits in the objective's duplicate check, which every trial passes right after
+    suggesting its parameters, so a trial that replays an earlier one is slow too.
+    """
+    from lrsearch.study._objective import Objective
+
+    original = Objective._finished_twin
+
+    def finished_twin(trial: Any, params: Any) -> Any:
+        if hang_marker:
+            Path(hang_marker).write_text(str(os.getpid()))
+            time.sleep(600)
+        time.sleep(trial_sleep)
+        return original(trial, params)
+
+    Objective._finished_twin = staticmethod(finished_twin)  # type: ignore[method-assign]
+
+
+def _wait_for(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def main(spec_path: str) -> int:
+    # A parent that ignores SIGINT (a background job of a non-interactive shell) passes that on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import optuna
+    import torch
+
+    import lrsearch
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    model = mlp()
+    model.load_state_dict(torch.load(spec["state"], weights_only=True))
+    data = [tuple(batch) for batch in torch.load(spec["data"], weights_only=True)]
+    if spec.get("trial_sleep") or spec.get("hang_marker"):
+        _slow_trials(trial_sleep=spec.get("trial_sleep", 0.0), hang_marker=spec.get("hang_marker"))
+    if spec.get("ready"):
+        lrsearch.core.macs_per_sample(model, data[0])  # its first call imports torch._dynamo: seconds
+        Path(spec["ready"]).write_text(str(os.getpid()))
+        _wait_for(Path(spec["go"]), timeout=120)
+    ran: list[int] = []
+
+    def finished(study: Any, trial: Any) -> None:
+        ran.append(trial.number)
+        if spec.get("progress"):
+            Path(spec["progress"]).write_text(str(len(ran)))
+
+    try:
+        result = lrsearch.search(model, data, callbacks=[finished], **spec["options"])
+    except KeyboardInterrupt:
+        return 130
+    study = optuna.load_study(study_name=result.study_name,
+                              storage=lrsearch.study.open_storage(result.storage, heartbeat_interval=None))
+    report = {"pid": os.getpid(), "ran": ran, "baseline": result.baseline, "allowed_drop": result.allowed_drop,
+              "dense": result.dense, "study_attrs": study.user_attrs,
+              "best": None if result.best is None else result.best.trial}
+    if spec.get("result"):
+        Path(spec["result"]).write_text(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,55 @@
+"""Fixtures of the reliability tests: a throwaway PostgreSQL server and a tiny trained MLP on disk."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.reliability._worker import mlp
+from tests.reliability.postgres import find_bin_dir, postgres_server
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """``postgresql://postgres@127.0.0.1:PORT/lrsearch`` of a server that lives for the session."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) are not installed; "
+                    ".ci/run installs them with apt-get")
+    with postgres_server("lrsearch", bin_dir=bin_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The MLP of tests/study, trained on a 4-class rule; four validation batches of 128."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = mlp()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1024, 16, generator=generator)
+        y = (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model, [(x[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+
+
+@pytest.fixture
+def saved(trained, tmp_path: Path) -> Path:
+    """The trained model's state dict at ``model.pt`` and its validation batches at ``data.pt``."""
+    model, val = trained
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    torch.save([list(batch) for batch in val], tmp_path / "data.pt")
+    return tmp_path
