@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args = parser.parse_args(argv)
         except ArgumentError as error:
-            return _fail(first, _parse_message(str(error)))
+            return _fail(first if first in _HANDLERS else None, _parse_message(str(error)))
         command = args.command
         try:
             return _HANDLERS[command](commands[command], args[command])
@@ -240,7 +240,7 @@ def _demo_parser(help_text: str) -> Any:
     parser.add_argument("--budget", type=_budget, default="0.5%",
                         help="allowed accuracy drop of the rank search (default: 0.5%%)")
     parser.add_argument("--trials", type=_positive, default=60, help="search trials (default: 60)")
-    parser.add_argument("--threads", type=Optional[int], default=None,
+    parser.add_argument("--threads", type=_optional_positive, default=None,
                         help="CPU threads for latency measurement (default: torch's setting)")
     parser.add_argument("--run-dir", "--run_dir", type=str, default="lrsearch-run/demo",
                         help="folder of the study database and latency table (default: lrsearch-run/demo)")
@@ -281,6 +281,10 @@ def _integer(text: Any, low: int) -> int:
 
 def _positive(text: Any) -> int:
     return _integer(text, 1)
+
+
+def _optional_positive(text: Any) -> int | None:
+    return None if text is None or (isinstance(text, str) and text.lower() in ("null", "none")) else _positive(text)
 
 
 def _non_negative(text: Any) -> int:
@@ -435,7 +439,8 @@ class _Job:
         if (args.model is None) != (args.data is None):
             given, missing = ("model", "data") if args.data is None else ("data", "model")
             raise UsageError(format_problem(
-                f"{given} is set but {missing} is not", expected="both model and data, or neither (the built-in default)",
+                f"{given} is set but {missing} is not",
+                expected="both model and data, or neither (the built-in default)",
                 hint=f"add a {missing}: section with class_path and init_args to the config."))
         if args.model is None:
             from lrsearch.demo.lightning import pretrained_classifier
@@ -489,8 +494,8 @@ def _load_weights(module: Any, path: Path) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable files; all mean "cannot read"
-        raise UsageError(f"cannot read the checkpoint {path}: {str(error).splitlines()[0] if str(error) else error!r}") \
-            from error
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        raise UsageError(f"cannot read the checkpoint {path}: {first_line}") from error
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path} is neither a Lightning checkpoint nor a state_dict.")
@@ -585,7 +590,8 @@ def _compress(job: _Job, *, resumed: int | None) -> int:
     print(f"  fine-tune   up to {args.max_candidates} candidates, {finetune.epochs} epoch(s) each"
           + (", distilled from the original" if finetune.distill else ""))
     print(f"  run folder  {run_dir}")
-    print(f"  study       {_redacted(storage)} (study {search.study_name!r}; view: {PROG} dashboard {run_dir})\n", flush=True)
+    print(f"  study       {_redacted(storage)} (study {search.study_name!r}; "
+          f"view: {PROG} dashboard {run_dir})\n", flush=True)
     started = time.perf_counter()
     result = lrsearch.compress(job.module, **job.keyword_arguments(), max_candidates=args.max_candidates,
                                finetune_config=finetune)
@@ -691,7 +697,8 @@ def _run_dashboard(_parser: Any, args: Any) -> int:
         raise UsageError("the dashboard needs optuna-dashboard: pip install 'lrsearch[dashboard]'") from error
     storage = open_storage(url, heartbeat_interval=None)
 
-    print(f"Serving optuna-dashboard for {_redacted(url)} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    print(f"Serving optuna-dashboard for {_redacted(url)} on http://{args.host}:{args.port}/ (Ctrl-C stops)",
+          flush=True)
     try:
         optuna_dashboard.run_server(storage, host=args.host, port=args.port)
     except KeyboardInterrupt:
