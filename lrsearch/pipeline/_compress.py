@@ -34,7 +34,7 @@ from lrsearch.pipeline._finetune import FinetuneConfig, finetune
 from lrsearch.pipeline._lightning import clone_module, namespace_of
 from lrsearch.pipeline._report import write_report
 from lrsearch.study import Candidate, SearchConfig, SearchResult, search
-from lrsearch.study._storage import open_storage
+from lrsearch.study._storage import open_storage, redacted
 
 __all__ = ["CompressionResult", "compress"]
 
@@ -75,8 +75,8 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     fine-tuning: a looser one lets the search propose smaller models that fine-tuning may
     bring back within ``budget``; candidates that do not are rejected and the next is tried.
 
-    Writes into ``run_dir``: ``search/`` (the Optuna study and latency table), one
-    ``finetune-trial<N>/`` folder per candidate tried, and, when a candidate holds, ``model/``
+    Writes into ``run_dir``: ``search/`` (the Optuna study and latency table) and, when a
+    candidate holds, ``model/``
     (``lrsearch.save`` format) and ``compressed.ckpt`` (for ``Model.load_from_checkpoint``
     with :class:`lrsearch.LowRankCheckpointMixin`); always ``report.json`` and ``report.html``.
     """
@@ -105,7 +105,7 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     final: tuple[Candidate, nn.Module, float] | None = None
     for candidate in result.pareto[:max_candidates]:
         tuned = result.build(candidate)
-        tuned = finetune(clone_module(tuned), teacher=clone_module(module),
+        tuned = finetune(clone_module(tuned).train(), teacher=clone_module(module),
                          root_dir=run_dir / f"finetune-trial{candidate.trial}", config=finetune_config,
                          train_dataloaders=data.train, val_dataloaders=DataLoader(data.search, batch_size=None),
                          forward=forward)
@@ -126,7 +126,7 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     if final is not None:
         paths["model"] = save(final[1], run_dir / MODEL_DIR, metadata={"report": "../report.json"})
         paths["checkpoint"] = _save_checkpoint(final[1], run_dir / CHECKPOINT_FILE)
-    report["paths"] = {**{name: str(path) for name, path in paths.items()}, "study": result.storage}
+    report["paths"] = {**{name: str(path) for name, path in paths.items()}, "study": redacted(result.storage)}
     paths["report"], paths["report_html"] = write_report(run_dir, report)
     return CompressionResult(meets_budget=final is not None, model=final[1] if final else None,
                              candidate=final[0] if final else None, report=report, paths=paths, search=result)
