@@ -81,31 +81,32 @@ def pydoc_sentences(*, seed: int = 0) -> list[str]:
 
 
 def nn_agreement(outputs: Tensor, targets: Tensor) -> float:
-    """Fraction of rows whose nearest neighbour (cosine, within the row's group) matches the target.
+    """Fraction of scored rows whose nearest neighbour (cosine, within the row's group) matches the target.
 
     ``outputs``: embeddings ``(N, d)``; ``targets``: ``(N, 5)`` long rows ``(group id, position in
     the group, position of the original model's nearest neighbour, 1 if scored else 0, group
-    size)``. A group's rows may come in any order but must all be present.
+    size)``. A group's rows may come in any order. Groups with rows missing are left out, and
+    the result is NaN when no group is complete: lrsearch's search also asks for the running
+    score after each batch, which it cannot use for early stopping with a custom metric and
+    then ignores; the final call always sees every group whole.
     """
     if targets.dim() != 2 or targets.shape[1] != 5 or outputs.shape[0] != targets.shape[0]:
         raise ValueError(f"expected (N, d) outputs and (N, 5) targets, got {tuple(outputs.shape)} "
                          f"and {tuple(targets.shape)}")
-    scored = int(targets[:, 3].sum())
-    if scored == 0:
-        raise ValueError("no row is scored")
-    hits = 0
+    hits = scored = 0
     for group in targets[:, 0].unique():
         rows = (targets[:, 0] == group).nonzero().squeeze(1)
         rows = rows[targets[rows, 1].argsort()]
         if not (torch.equal(targets[rows, 1], torch.arange(rows.numel(), device=rows.device))
                 and bool((targets[rows, 4] == rows.numel()).all())):
-            raise ValueError(f"group {int(group)} is incomplete or has repeated positions")
+            continue  # incomplete (a running score over part of the batches)
         embeddings = nn.functional.normalize(outputs[rows].float(), dim=-1)
         similarity = embeddings @ embeddings.T
         similarity.fill_diagonal_(-float("inf"))
-        agree = (similarity.argmax(1) == targets[rows, 2]) & (targets[rows, 3] == 1)
-        hits += int(agree.sum())
-    return hits / scored
+        counted = targets[rows, 3] == 1
+        hits += int(((similarity.argmax(1) == targets[rows, 2]) & counted).sum())
+        scored += int(counted.sum())
+    return hits / scored if scored else float("nan")
 
 
 def _nn_targets(embeddings: Tensor, group: int, margin: float) -> Tensor:

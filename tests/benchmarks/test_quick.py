@@ -87,8 +87,14 @@ def test_nn_agreement_scores_only_unambiguous_rows():
         float(((swapped @ swapped.T).fill_diagonal_(-2).argmax(1) == targets[:, 2])[scored].float().mean()))
 
 
-def test_nn_agreement_rejects_incomplete_groups():
-    embeddings = torch.nn.functional.normalize(torch.randn(10, 4), dim=-1)
-    targets = _nn_targets(embeddings, 0, 0.0)
-    with pytest.raises(ValueError, match="incomplete"):
-        nn_agreement(embeddings[:9], targets[:9])
+def test_nn_agreement_leaves_out_incomplete_groups():
+    # lrsearch's search asks for a running score after every batch: partial groups must not count.
+    torch.manual_seed(2)
+    embeddings = torch.nn.functional.normalize(torch.randn(20, 4), dim=-1)
+    targets = _targets(embeddings, groups=2)
+    assert math.isnan(nn_agreement(embeddings[:9], targets[:9]))
+    broken = embeddings.clone()
+    broken[10:] = broken[10:].flip(0)  # the second group's neighbours change
+    partial = torch.cat([torch.arange(10), torch.arange(10, 15)])
+    assert nn_agreement(broken[partial], targets[partial]) == 1.0
+    assert nn_agreement(broken, targets) < 1.0
