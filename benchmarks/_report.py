@@ -152,6 +152,11 @@ def markdown(report: dict[str, Any]) -> str:
             if details.get("skipped_layers"):
                 lines.append(f"  Layers lrsearch left dense (reported by calibration): "
                              f"{', '.join(details['skipped_layers'])}.")
+        aimet = _row(task, "aimet-greedy")
+        if aimet is not None and aimet["details"].get("ratios"):
+            ratios = aimet["details"]["ratios"]
+            lines.append(f"  AIMET-style table: {len(ratios)} ratio(s) per layer "
+                         f"({', '.join(f'{r:.2g}' for r in ratios)}), {aimet['details'].get('table_entries')} entries.")
         for row in task["rows"]:
             tried = "; ".join(f"{a['label']}: search {100 * a['search_drop']:.2f}, val after FT "
                               f"{100 * a['val_drop']:.2f} pts" for a in row["attempts"])

@@ -12,7 +12,7 @@ AIMET-style greedy sensitivity + bisection, and lrsearch.
 
 Run from the repository root::
 
-    python benchmarks/run.py                 # everything, about 20-25 min on 2 cores
+    python benchmarks/run.py                 # everything, about 25 min on a quiet 2-core machine
     python benchmarks/run.py --quick         # a few minutes, writes results-quick.*
     python benchmarks/run.py --models mnist1d_mlp digits_mlp --threads 1
 
@@ -65,9 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cnn-trials", type=int, help="lrsearch trials on the CNN (default 80)")
     parser.add_argument("--minilm-trials", type=int, help="lrsearch trials on MiniLM (default 100)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of the MLPs (default 20)")
-    parser.add_argument("--cnn-epochs", type=int, help="fine-tuning epochs of the CNN (default 3)")
+    parser.add_argument("--cnn-epochs", type=int, help="fine-tuning epochs of the CNN (default 10, at lr x0.1)")
     parser.add_argument("--candidates", type=int, help="candidates fine-tuned per method at most")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only rewrite the Markdown table next to an existing results JSON, and exit")
     return parser
 
 
@@ -145,6 +147,11 @@ def _batch_rows(batch: Any) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        report["goals"] = goals(report)
+        args.render.with_suffix(".md").write_text(markdown(report))
+        return report
     scale = _scale(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
