@@ -58,11 +58,12 @@ _LAZY = {
     "SearchResult": "lrsearch.study",
     "search": "lrsearch.study",
     "Budget": "lrsearch.measure",
+    "LoggedMetric": "lrsearch.measure",
     "parse_budget": "lrsearch.measure",
 }
 
 if TYPE_CHECKING:
-    from lrsearch.measure import Budget, parse_budget
+    from lrsearch.measure import Budget, LoggedMetric, parse_budget
     from lrsearch.pipeline import CompressionResult, FinetuneConfig, RankSearch, compress
     from lrsearch.study import Candidate, SearchConfig, SearchResult, search
 
@@ -90,6 +91,7 @@ __all__ = [
     "FinetuneConfig",
     "InvalidRankError",
     "LayerGeometry",
+    "LoggedMetric",
     "LowRankCheckpointMixin",
     "LowRankConv2d",
     "LowRankLinear",

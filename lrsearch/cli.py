@@ -163,6 +163,10 @@ def _job_parser(name: str, help_text: str) -> Any:
     parser.add_argument("--verify_fraction", type=float, default=0.3,
                         help="share of validation batches held out for verification when the data has no "
                              "test split (default: 0.3)")
+    parser.add_argument("--monitor", type=Optional[str], default=None,
+                        help="score with a value the model logs in validation_step, e.g. val_acc "
+                             "(default: top-1 accuracy of model(inputs)); for a loss add "
+                             "--search.higher_is_better false")
     parser.add_argument("--target_modules", type=Optional[list[str]], default=None,
                         help="factorize only modules matching these names/regexes (default: every Linear/Conv2d)")
     parser.add_argument("--exclude_modules", type=Optional[list[str]], default=None,
@@ -188,6 +192,8 @@ def _job_parser(name: str, help_text: str) -> Any:
     parser.add_argument("--search.threads", type=Optional[int], default=1,
                         help="CPU threads for latency measurement (default: 1)")
     parser.add_argument("--search.device", type=str, default="cpu", help="where latency is measured (default: cpu)")
+    parser.add_argument("--search.higher_is_better", type=bool, default=True,
+                        help="the metric improves upward, like accuracy; false for a loss (default: true)")
     parser.add_argument("--search.method", type=Literal["whitened", "svd"], default="whitened",
                         help="decomposition: activation-whitened SVD (default) or plain SVD")
     parser.add_argument("--search.latency_min_run_time", type=float, default=0.05,
@@ -474,6 +480,7 @@ class _Job:
         return {"budget": str(self.budget), "run_dir": args.run_dir, "datamodule": self.datamodule,
                 "search_budget": None if self.search_budget is None else str(self.search_budget),
                 "search_config": self.search_config, "verify_fraction": args.verify_fraction,
+                "monitor": args.monitor,
                 "target_modules": args.target_modules, "exclude_modules": args.exclude_modules,
                 "show_progress_bar": True}
 

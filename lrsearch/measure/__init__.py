@@ -12,6 +12,7 @@ from lrsearch.measure._latency import (
     build_latency_table,
     time_call,
 )
+from lrsearch.measure._logged import LoggedMetric, LoggedMetricError
 
 __all__ = [
     "Budget",
@@ -21,6 +22,8 @@ __all__ = [
     "LatencyTable",
     "LatencyTableError",
     "LayerLatency",
+    "LoggedMetric",
+    "LoggedMetricError",
     "build_latency_table",
     "default_batch_fn",
     "parse_budget",

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lrsearch._errors import LrSearchError, format_problem
 from lrsearch.core._runtime import evaluating, model_device, move_to_device
+from lrsearch.measure._logged import LoggedMetric
 
 __all__ = ["BatchFn", "Evaluation", "EvaluationError", "Evaluator", "MetricFn", "default_batch_fn"]
 
@@ -167,13 +168,14 @@ class Evaluator:
     ``metric`` is micro top-1 accuracy by default; a torchmetrics ``Metric`` is cloned once
     (the caller's object is never touched) and reset, updated per batch and computed per
     evaluation; a plain ``fn(outputs, targets) -> float`` is called on all outputs and targets
-    concatenated along dim 0. ``batch_fn(model, batch) -> (outputs, targets)`` says how a batch
-    is fed. Batches are kept on ``device`` (CPU by default) and copied once to the model's
+    concatenated along dim 0; a :class:`LoggedMetric` runs the LightningModule's own validation
+    hooks and reads what they log. ``batch_fn(model, batch) -> (outputs, targets)`` says how a batch
+    is fed (not used with a ``LoggedMetric``, whose ``validation_step`` takes the batch). Batches are kept on ``device`` (CPU by default) and copied once to the model's
     device when that differs; ``max_batches`` caps how many are read.
     """
 
     def __init__(self, data: Iterable[Any], *,
-                 metric: torchmetrics.Metric | MetricFn | None = None,
+                 metric: torchmetrics.Metric | MetricFn | LoggedMetric | None = None,
                  batch_fn: BatchFn | None = None, device: torch.device | str | None = None,
                  max_batches: int | None = None) -> None:
         if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
@@ -181,12 +183,18 @@ class Evaluator:
             raise EvaluationError(format_problem(
                 "max_batches must be a positive integer", given=repr(max_batches),
                 expected="an int of 1 or more, or None for all batches"))
-        if metric is not None and not isinstance(metric, torchmetrics.Metric) and not callable(metric):
+        if (metric is not None and not isinstance(metric, (torchmetrics.Metric, LoggedMetric))
+                and not callable(metric)):
             raise EvaluationError(format_problem(
                 "The metric is neither a torchmetrics Metric nor a function",
                 given=f"{type(metric).__name__}", expected="a torchmetrics.Metric, fn(outputs, targets) "
-                "returning a float, or None for top-1 accuracy",
+                "returning a float, a LoggedMetric, or None for top-1 accuracy",
                 hint='e.g. metric=torchmetrics.Accuracy(task="multiclass", num_classes=10)'))
+        if isinstance(metric, LoggedMetric) and batch_fn is not None:
+            raise EvaluationError(format_problem(
+                f"batch_fn cannot be combined with the logged metric {metric.name!r}",
+                expected="either a logged metric (the module's validation_step reads each batch) or batch_fn",
+                hint="drop batch_fn; validation_step already says how a batch is fed"))
         self._device = torch.device("cpu") if device is None else torch.device(device)
         self._batch_fn = batch_fn or default_batch_fn
         self._metric = metric.clone() if isinstance(metric, torchmetrics.Metric) else metric
@@ -224,6 +232,12 @@ class Evaluator:
     def _chunks(self, model: nn.Module, chunk_batches: int) -> Iterator[Evaluation]:
         device = model_device(model)
         batches = self._batches_on(device)
+        if isinstance(self._metric, LoggedMetric):
+            # Epoch-end hooks may produce the value, so there is no running score to yield early.
+            with evaluating(model), torch.inference_mode():
+                value, samples = self._metric.score(model, batches)
+            yield Evaluation(value, samples)
+            return
         scorer = self._scorer(device)
         for start in range(0, len(batches), chunk_batches):
             with evaluating(model), torch.inference_mode():

@@ -26,6 +26,7 @@ from lrsearch.core._targets import Patterns
 from lrsearch.measure import parse_budget
 from lrsearch.pipeline._compress import CompressionResult, compress
 from lrsearch.pipeline._finetune import FinetuneConfig
+from lrsearch.pipeline._metric import resolve_metric
 from lrsearch.study import SearchConfig
 
 __all__ = ["RankSearch", "RankSearchLogic"]
@@ -52,8 +53,8 @@ class RankSearchLogic:
                  search_budget: str | float | None = None,
                  search: SearchConfig | Mapping[str, Any] | None = None,
                  finetune: FinetuneConfig | Mapping[str, Any] | None = None, max_candidates: int = 3,
-                 verify_fraction: float = 0.3, metric: Any = None, metric_name: str | None = None,
-                 batch_fn: Any = None, forward: ForwardFn | None = None, target_modules: Patterns = None,
+                 verify_fraction: float = 0.3, metric: Any = None, monitor: str | None = None,
+                 metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None, target_modules: Patterns = None,
                  exclude_modules: Patterns = None, conv_scheme: str | Mapping[str, str] = "channel",
                  swap: bool = False) -> None:
         super().__init__()
@@ -68,7 +69,10 @@ class RankSearchLogic:
             raise ValueError(f"verify_fraction must lie in (0, 1) but got {verify_fraction!r}.")
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.max_candidates, self.verify_fraction = max_candidates, verify_fraction
-        self.metric, self.metric_name, self.batch_fn, self.forward = metric, metric_name, batch_fn, forward
+        if monitor is not None:
+            resolve_metric(metric=metric, monitor=monitor, metric_name=metric_name)  # fail in __init__
+        self.metric, self.monitor, self.metric_name = metric, monitor, metric_name
+        self.batch_fn, self.forward = batch_fn, forward
         self.target_modules, self.exclude_modules, self.conv_scheme = target_modules, exclude_modules, conv_scheme
         self.swap = bool(swap)
         self.result: CompressionResult | None = None
@@ -91,7 +95,7 @@ class RankSearchLogic:
             search_budget=None if self.search_budget is None else self.search_budget.drop,
             search_config=self.search_config, finetune_config=self.finetune_config,
             max_candidates=self.max_candidates, verify_fraction=self.verify_fraction, metric=self.metric,
-            metric_name=self.metric_name, batch_fn=self.batch_fn, forward=self.forward,
+            monitor=self.monitor, metric_name=self.metric_name, batch_fn=self.batch_fn, forward=self.forward,
             target_modules=self.target_modules, exclude_modules=self.exclude_modules,
             conv_scheme=self.conv_scheme, **loaders)
         if self.swap and self.result.model is not None:
@@ -103,7 +107,9 @@ class RankSearchLogic:
 class RankSearch(RankSearchLogic, pl.Callback):
     """Compress the model after ``trainer.fit``: search ranks, fine-tune, verify, save.
 
-    ``trainer = pl.Trainer(callbacks=[lrsearch.RankSearch(budget="0.5%")])``. Afterwards
+    ``trainer = pl.Trainer(callbacks=[lrsearch.RankSearch(budget="0.5%", monitor="val_acc")])``
+    scores candidates by what the module logs as ``val_acc`` in ``validation_step``
+    (without ``monitor`` or ``metric``: top-1 accuracy of ``module(inputs)``). Afterwards
     ``callback.result`` holds whether the budget held on unseen data, the ranks, the figures
     and the paths. The trained module is left as it is unless ``swap=True``, which swaps the
     compressed layers into it when the budget holds.

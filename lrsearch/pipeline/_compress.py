@@ -32,6 +32,7 @@ from lrsearch.measure import Evaluator, parse_budget, time_call
 from lrsearch.pipeline._data import PipelineData, calibration_batches, resolve_data
 from lrsearch.pipeline._finetune import FinetuneConfig, finetune
 from lrsearch.pipeline._lightning import clone_module, namespace_of
+from lrsearch.pipeline._metric import resolve_metric
 from lrsearch.pipeline._report import write_report
 from lrsearch.study import Candidate, SearchConfig, SearchResult, search
 from lrsearch.study._storage import open_storage, redacted
@@ -64,16 +65,21 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
              datamodule: Any = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
              test_dataloaders: Any = None, search_config: SearchConfig | None = None,
              finetune_config: FinetuneConfig | None = None, max_candidates: int = 3,
-             verify_fraction: float = 0.3, metric: Any = None, metric_name: str | None = None,
-             batch_fn: Any = None, forward: ForwardFn | None = None, target_modules: Patterns = None,
-             exclude_modules: Patterns = None, conv_scheme: str | Mapping[str, str] = "channel",
-             show_progress_bar: bool = False) -> CompressionResult:
+             verify_fraction: float = 0.3, metric: Any = None, monitor: str | None = None,
+             metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None,
+             target_modules: Patterns = None, exclude_modules: Patterns = None,
+             conv_scheme: str | Mapping[str, str] = "channel", show_progress_bar: bool = False) -> CompressionResult:
     """Compress a trained LightningModule end to end; the module itself is never modified.
 
     ``budget`` is checked on the verification split after fine-tuning. ``search_budget``
     (default: the same) is the constraint of the search, which scores candidates *before*
     fine-tuning: a looser one lets the search propose smaller models that fine-tuning may
     bring back within ``budget``; candidates that do not are rejected and the next is tried.
+
+    The score is top-1 accuracy unless ``metric`` (a torchmetrics ``Metric`` or
+    ``fn(outputs, targets)``) or ``monitor`` (a name the module logs in ``validation_step``,
+    like ``ModelCheckpoint(monitor=...)``) says otherwise; for a loss, set
+    ``search_config.higher_is_better=False``.
 
     Writes into ``run_dir``: ``search/`` (the Optuna study and latency table) and, when a
     candidate holds, ``model/``
@@ -91,14 +97,16 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     data = resolve_data(datamodule=datamodule, train_dataloaders=train_dataloaders,
                         val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders,
                         verify_fraction=verify_fraction)
+    metric, metric_name = resolve_metric(metric=metric, monitor=monitor, metric_name=metric_name)
+    verifier = Evaluator(data.verify, metric=metric, batch_fn=batch_fn)
+    searcher = Evaluator(data.search, metric=metric, batch_fn=batch_fn)
+    # Before the search writes anything: a metric the module cannot produce fails here.
+    base_verify = verifier.evaluate(module).value
     config = replace(search_config or SearchConfig(), budget=searched.drop, run_dir=str(run_dir / "search"))
     result = search(module, data.search, config, calibration=calibration_batches(data.train, data.search),
                     metric=metric, metric_name=metric_name, batch_fn=batch_fn, forward=forward,
                     target_modules=target_modules, exclude_modules=exclude_modules, conv_scheme=conv_scheme,
                     show_progress_bar=show_progress_bar)
-    verifier = Evaluator(data.verify, metric=metric, batch_fn=batch_fn)
-    searcher = Evaluator(data.search, metric=metric, batch_fn=batch_fn)
-    base_verify = verifier.evaluate(module).value
     allowed = parsed.allowed_drop(base_verify)
     sign = 1.0 if config.higher_is_better else -1.0
     attempts: list[dict[str, Any]] = []

@@ -29,6 +29,7 @@ from lrsearch.core._runtime import ForwardFn
 from lrsearch.core._targets import Patterns
 from lrsearch.measure import parse_budget
 from lrsearch.pipeline._data import calibration_batches, resolve_data
+from lrsearch.pipeline._metric import resolve_metric
 from lrsearch.study import SearchConfig, SearchResult, search
 from lrsearch.study._storage import open_storage, sqlite_url
 from lrsearch.study._study import ATTR
@@ -42,7 +43,7 @@ def search_worker(module: nn.Module, *, budget: str | float, run_dir: str | Path
                   search_budget: str | float | None = None, datamodule: Any = None,
                   train_dataloaders: Any = None, val_dataloaders: Any = None, test_dataloaders: Any = None,
                   search_config: SearchConfig | None = None, verify_fraction: float = 0.3, metric: Any = None,
-                  metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None,
+                  monitor: str | None = None, metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None,
                   target_modules: Patterns = None, exclude_modules: Patterns = None,
                   conv_scheme: str | Mapping[str, str] = "channel",
                   show_progress_bar: bool = False, wait_seconds: float = 1800.0) -> SearchResult:
@@ -60,6 +61,7 @@ def search_worker(module: nn.Module, *, budget: str | float, run_dir: str | Path
     data = resolve_data(datamodule=datamodule, train_dataloaders=train_dataloaders,
                         val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders,
                         verify_fraction=verify_fraction)
+    metric, metric_name = resolve_metric(metric=metric, monitor=monitor, metric_name=metric_name)
     config = replace(search_config or SearchConfig(), budget=searched.drop, run_dir=str(Path(run_dir) / "search"))
     if config.worker_index > 0 and config.objective == "latency":
         _wait_for_latency_table(config, wait_seconds)

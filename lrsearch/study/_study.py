@@ -28,7 +28,7 @@ from lrsearch._errors import LrSearchError, format_problem
 from lrsearch.core import Decomposition, count_params, macs_per_sample
 from lrsearch.core._runtime import ForwardFn, batch_size_of, model_device
 from lrsearch.core._targets import Patterns
-from lrsearch.measure import Budget, Evaluator, LatencyTable, build_latency_table, parse_budget
+from lrsearch.measure import Budget, Evaluator, LatencyTable, LoggedMetric, build_latency_table, parse_budget
 from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
@@ -136,7 +136,8 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         data: validation batches the search scores candidates on.
         config: a :class:`SearchConfig`; ``**options`` override its fields by name.
         calibration: batches for whitening statistics (default: ``data``).
-        metric: a torchmetrics ``Metric`` or ``fn(outputs, targets)``; default top-1 accuracy.
+        metric: a torchmetrics ``Metric``, ``fn(outputs, targets)`` or a
+            :class:`~lrsearch.measure.LoggedMetric` (what a LightningModule logs); default top-1 accuracy.
         metric_name: the name the study and dashboard show for the metric.
         batch_fn: ``fn(model, batch) -> (outputs, targets)``; default ``(model(b[0]), b[1])``.
         forward: how a batch is fed to the model for calibration and latency.
@@ -292,6 +293,8 @@ def _max_rank(rank: Any) -> int:
 def _metric_label(metric: Any) -> str:
     if metric is None:
         return "accuracy"
+    if isinstance(metric, LoggedMetric):
+        return metric.name
     return getattr(metric, "__name__", type(metric).__name__)
 
 
