@@ -246,16 +246,6 @@ class Evaluator:
                 evaluation = scorer.result()
             yield evaluation
 
-    def outputs(self, model: nn.Module) -> list[Tensor]:
-        """The model's outputs per batch, on CPU, as ordinary tensors (to cache a reference model's)."""
-        device = model_device(model)
-        collected = []
-        with evaluating(model), torch.inference_mode():
-            for index, batch in enumerate(self._batches_on(device)):
-                collected.append(self._run_batch(model, index, batch)[0])
-        # Copied outside inference mode: inference tensors would fail later in autograd code.
-        return [output.to("cpu", copy=True) for output in collected]
-
     def _batches_on(self, device: torch.device) -> list[Any]:
         if device == self._device:
             return self._batches

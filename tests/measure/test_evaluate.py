@@ -179,23 +179,10 @@ def test_modes_are_restored_and_no_graph_is_built() -> None:
     evaluator = Evaluator(classification_data())
 
     evaluation = evaluator.evaluate(model)
-    outputs = evaluator.outputs(model)
 
     assert {name: module.training for name, module in model.named_modules()} == before
     assert model.seen_inside and all(seen == (True, True, False) for seen in model.seen_inside)
-    assert all(not output.requires_grad and not output.is_inference() for output in outputs)
     assert evaluation.correct is not None and not evaluation.correct.is_inference()
-
-
-def test_outputs_are_per_batch_on_cpu() -> None:
-    data, model = classification_data(), classifier()
-    outputs = Evaluator(data).outputs(model)
-    model.eval()
-    with torch.no_grad():
-        expected = [model(x) for x, _ in data]
-    assert [output.shape for output in outputs] == [(10, CLASSES), (10, CLASSES), (5, CLASSES)]
-    assert all(torch.allclose(got, want) for got, want in zip(outputs, expected))
-    assert all(output.device.type == "cpu" for output in outputs)
 
 
 def test_non_finite_logits_count_as_wrong() -> None:
@@ -312,4 +299,3 @@ def test_cpu_batches_are_moved_once_to_the_models_device() -> None:
     assert first.value == pytest.approx(expected, abs=1e-6) and second.value == first.value
     assert first.correct is not None and first.correct.device.type == "cpu"
     assert torch.equal(first.correct, hits)
-    assert all(output.device.type == "cpu" for output in evaluator.outputs(model))
