@@ -23,6 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lrsearch._atomic import atomic_write_bytes
+from lrsearch.core._runtime import model_device
+from lrsearch.measure import Evaluator
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -194,7 +196,7 @@ def train_classifier(
         raise ValueError(
             f"lr must be positive and weight_decay non-negative but got {lr} and {weight_decay}."
         )
-    device = _device_of(model)
+    device = model_device(model)
     x, y = splits.x_train.to(device), splits.y_train.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -211,18 +213,8 @@ def train_classifier(
 
 
 def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)`` in eval mode; the previous train/eval mode is restored."""
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-                correct += int((model(xb.to(device)).argmax(dim=1) == yb.to(device)).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(y)
+    """Top-1 accuracy of ``model`` on ``(x, y)``: the search's own evaluator on in-memory tensors."""
+    return Evaluator(list(zip(x.split(batch_size), y.split(batch_size)))).evaluate(model).value
 
 
 def calibration_batches(
@@ -294,11 +286,6 @@ def _seeded(build: type[ModelT], seed: int) -> ModelT:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
