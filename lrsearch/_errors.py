@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BudgetError",
     "CalibrationError",
+    "Interrupted",
     "InvalidRankError",
     "LrSearchError",
     "NoMatchingModuleError",
@@ -50,6 +51,14 @@ class BudgetError(LrSearchError, ValueError):
 
 class RecipeError(LrSearchError, ValueError):
     """A saved model, recipe or checkpoint is corrupted, truncated or does not fit the model."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a search or a compression; the message says how to resume.
+
+    A KeyboardInterrupt, not an LrSearchError, so that ``except Exception`` (Optuna's, Lightning's,
+    a user's) never swallows it.
+    """
 
 
 def format_problem(problem: str, *, expected: str | None = None, given: str | None = None,

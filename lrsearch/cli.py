@@ -7,7 +7,8 @@ filled (it runs no new trials), ``report`` is ``rebuild_report`` and ``dashboard
 ``optuna_dashboard.run_server``.
 
 Exit status: 0 when the budget holds (or the command succeeded), 1 when no configuration
-meets the budget, 2 for bad usage or bad input (one line on stderr, nothing written).
+meets the budget, 2 for bad usage or bad input (one line on stderr, nothing written), 130 on
+Ctrl-C (one line saying how to resume; nothing half-written).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import lrsearch
-from lrsearch._errors import LrSearchError, format_problem
+from lrsearch._errors import Interrupted, LrSearchError, format_problem
 from lrsearch._version import __version__
 
 PROG = "lrsearch"
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jsonargparse import ArgumentError
     except ImportError:
         return _fail(None, "the command line needs jsonargparse: pip install 'lrsearch[cli]'")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _negative_budgets_attached(list(sys.argv[1:] if argv is None else argv))
     with warnings.catch_warnings(), _lrsearch_logs_on_stderr():
         _quiet_known_warnings()
         first = _command_of(argv)
@@ -64,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _HANDLERS[command](commands[command], args[command])
         except LrSearchError as error:
             return _fail(command, str(error))
-        except KeyboardInterrupt:
+        except Interrupted as interrupt:  # the message says how to resume
+            print(f"{PROG} {command}: {interrupt}", file=sys.stderr)
+            return 130
+        except KeyboardInterrupt:  # before the search began: nothing to resume
             print(f"{PROG} {command}: interrupted", file=sys.stderr)
             return 130
 
@@ -256,6 +260,11 @@ def _demo_parser(help_text: str) -> Any:
 # Plain parser functions (jsonargparse treats a custom class as a subclass spec, so no classes).
 
 
+class _BadValue(argparse.ArgumentTypeError, ValueError):
+    """A bad flag or config value. argparse shows an ArgumentTypeError's own message for a flag, but
+    jsonargparse turns only ValueError and TypeError into a parse error for a config file value."""
+
+
 def _budget(value: Any) -> str:
     """A budget as the user wrote it ("0.5%" or 0.005), checked by :func:`lrsearch.parse_budget`."""
     try:
@@ -263,7 +272,7 @@ def _budget(value: Any) -> str:
             warnings.simplefilter("ignore")  # the job warns once, when it reads the parsed budget
             lrsearch.parse_budget(value)
     except LrSearchError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        raise _BadValue(str(error)) from None
     return str(value)
 
 
@@ -277,11 +286,11 @@ def _integer(text: Any, low: int) -> int:
     try:
         value = int(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected an integer but got {text!r}") from None
+        raise _BadValue(f"expected an integer but got {text!r}") from None
     if isinstance(text, float) and text != value:
-        raise argparse.ArgumentTypeError(f"expected an integer but got {text!r}")
+        raise _BadValue(f"expected an integer but got {text!r}")
     if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low} but got {value}")
+        raise _BadValue(f"must be at least {low} but got {value}")
     return value
 
 
@@ -300,7 +309,7 @@ def _non_negative(text: Any) -> int:
 def _seed(text: Any) -> int:
     value = _integer(text, 0)
     if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32) but got {value}")
+        raise _BadValue(f"must be in [0, 2**32) but got {value}")
     return value
 
 
@@ -316,6 +325,19 @@ def _fail(command: str | None, message: str) -> int:
 
 def _one_line(message: str) -> str:
     return re.sub(r"\s+", " ", message).strip()
+
+
+def _negative_budgets_attached(argv: list[str]) -> list[str]:
+    """``--budget -1%`` as ``--budget=-1%``. argparse takes a value that starts with "-" (and is not a
+    plain negative number) for the next option and says "expected one argument", which hides the
+    real problem; attached, the budget check says the budget is negative."""
+    words: list[str] = []
+    for word in argv:
+        if words and words[-1] in ("--budget", "--search_budget") and re.match(r"-[\d.]", word):
+            words[-1] = f"{words[-1]}={word}"
+        else:
+            words.append(word)
+    return words
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -421,7 +443,7 @@ class _Job:
     def __init__(self, parser: Any, args: Any, command: str) -> None:
         from lrsearch.pipeline import FinetuneConfig
         from lrsearch.study import SearchConfig
-        from lrsearch.study._storage import open_storage
+        from lrsearch.study._storage import is_file_storage, open_storage
 
         self.command, self.args = command, args
         _quiet_lightning()
@@ -440,7 +462,7 @@ class _Job:
             # No new trials: the study's n_trials becomes the number of trials the workers ran.
             self.search_config = replace(self.search_config,
                                          n_trials=_counted_trials(storage, self.search_config.study_name))
-        if storage is not None:
+        if storage is not None and not is_file_storage(storage):
             open_storage(storage, heartbeat_interval=None)  # unreachable or malformed: fail before any work
         if (args.model is None) != (args.data is None):
             given, missing = ("model", "data") if args.data is None else ("data", "model")
@@ -497,12 +519,14 @@ def _load_weights(module: Any, path: Path) -> None:
     import torch
 
     if not path.is_file():
-        raise UsageError(f"checkpoint not found: {path}")
+        raise UsageError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
+                         else f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for unreadable files; all mean "cannot read"
         first_line = str(error).splitlines()[0] if str(error) else repr(error)
-        raise UsageError(f"cannot read the checkpoint {path}: {first_line}") from error
+        raise UsageError(f"cannot read the checkpoint {path}: it is truncated, corrupted or not written by "
+                         f"torch.save ({first_line})") from error
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"{path} is neither a Lightning checkpoint nor a state_dict.")

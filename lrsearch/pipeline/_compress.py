@@ -11,7 +11,10 @@ from __future__ import annotations
 import datetime
 import io
 import logging
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lrsearch._atomic import atomic_write_bytes
+from lrsearch._errors import Interrupted
 from lrsearch._version import __version__
 from lrsearch.core import count_params, get_recipe, macs_per_sample, save
 from lrsearch.core._runtime import ForwardFn, batch_size_of, default_forward, move_to_device
@@ -111,33 +115,65 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     sign = 1.0 if config.higher_is_better else -1.0
     attempts: list[dict[str, Any]] = []
     final: tuple[Candidate, nn.Module, float] | None = None
-    for candidate in result.pareto[:max_candidates]:
-        tuned = result.build(candidate)
-        tuned = finetune(clone_module(tuned).train(), teacher=clone_module(module),
-                         root_dir=run_dir / f"finetune-trial{candidate.trial}", config=finetune_config,
-                         train_dataloaders=data.train, val_dataloaders=DataLoader(data.search, batch_size=None),
-                         forward=forward)
-        value = verifier.evaluate(tuned).value
-        drop = sign * (base_verify - value)
-        holds = drop <= allowed
-        attempts.append({"trial": candidate.trial, "ranks": _jsonable(candidate.ranks),
-                         "search_drop": candidate.drop, "verify_drop": drop, "meets_budget": holds})
-        _logger.info("trial %d after fine-tuning: drop %.4f on %s (allowed %.4f)", candidate.trial, drop,
-                     data.verify_split, allowed)
-        if holds:
-            final = (candidate, tuned, value)
-            break
-    report = _report(module, result, data, budget=str(parsed), final=final, attempts=attempts, allowed=allowed,
-                     base_verify=base_verify, searcher=searcher, config=config, forward=forward,
-                     metric_name=metric_name)
-    paths: dict[str, Path] = {}
-    if final is not None:
-        paths["model"] = save(final[1], run_dir / MODEL_DIR, metadata={"report": "../report.json"})
-        paths["checkpoint"] = _save_checkpoint(final[1], run_dir / CHECKPOINT_FILE)
-    report["paths"] = {**{name: str(path) for name, path in paths.items()}, "study": redacted(result.storage)}
-    paths["report"], paths["report_html"] = write_report(run_dir, report)
+    with _resume_hint(result):
+        for candidate in result.pareto[:max_candidates]:
+            tuned = result.build(candidate)
+            tuned = finetune(clone_module(tuned).train(), teacher=clone_module(module),
+                             root_dir=run_dir / f"finetune-trial{candidate.trial}", config=finetune_config,
+                             train_dataloaders=data.train, val_dataloaders=DataLoader(data.search, batch_size=None),
+                             forward=forward)
+            value = verifier.evaluate(tuned).value
+            drop = sign * (base_verify - value)
+            holds = drop <= allowed
+            attempts.append({"trial": candidate.trial, "ranks": _jsonable(candidate.ranks),
+                             "search_drop": candidate.drop, "verify_drop": drop, "meets_budget": holds})
+            _logger.info("trial %d after fine-tuning: drop %.4f on %s (allowed %.4f)", candidate.trial, drop,
+                         data.verify_split, allowed)
+            if holds:
+                final = (candidate, tuned, value)
+                break
+        report = _report(module, result, data, budget=str(parsed), final=final, attempts=attempts,
+                         allowed=allowed, base_verify=base_verify, searcher=searcher, config=config,
+                         forward=forward, metric_name=metric_name)
+        paths: dict[str, Path] = {}
+        with _ctrl_c_deferred():
+            if final is not None:
+                paths["model"] = save(final[1], run_dir / MODEL_DIR, metadata={"report": "../report.json"})
+                paths["checkpoint"] = _save_checkpoint(final[1], run_dir / CHECKPOINT_FILE)
+            report["paths"] = {**{name: str(path) for name, path in paths.items()},
+                               "study": redacted(result.storage)}
+            paths["report"], paths["report_html"] = write_report(run_dir, report)
     return CompressionResult(meets_budget=final is not None, model=final[1] if final else None,
                              candidate=final[0] if final else None, report=report, paths=paths, search=result)
+
+
+@contextmanager
+def _resume_hint(result: SearchResult) -> Iterator[None]:
+    """Ctrl-C after the search becomes :class:`Interrupted`, which says how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(
+            f"interrupted after the search; re-run the same command to resume: study {result.study_name!r} at "
+            f"{redacted(result.storage)} keeps its trials, so only fine-tuning and verification run again"
+        ) from interrupt
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block is done, so the result files are written all together or not at all."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _jsonable(ranks: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import signal
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -153,9 +155,26 @@ def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path
         callbacks=[_lr_scale_callback(namespace)(config.lr_scale)])
     with _restoring(module, teacher if distiller is not None else None), _distilling(module, distiller), \
             torch.inference_mode(False), torch.enable_grad():
-        trainer.fit(module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
-                    datamodule=datamodule)
+        _fit(trainer, module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
+             datamodule=datamodule)
     return module
+
+
+def _fit(trainer: Any, module: Any, **data: Any) -> None:
+    """``trainer.fit``, with Ctrl-C raised as KeyboardInterrupt.
+
+    Lightning catches Ctrl-C itself and tears the fit down; then recent versions call
+    ``sys.exit(1)`` and older ones return as if the fit had finished, with ``trainer.interrupted``
+    set. Either way a half-trained module must not pass for a fine-tuned one.
+    """
+    try:
+        trainer.fit(module, **data)
+    except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
 
 
 def _check_data(namespace: ModuleType, module: Any, datamodule: Any, train_dataloaders: Any,
@@ -328,16 +347,21 @@ def _restoring(module: Any, teacher: nn.Module | None) -> Iterator[None]:
 
     Lightning leaves the module attached to the inner Trainer, on the CPU (strategy teardown)
     and in train mode, and its fit loop turns grad mode on globally; the teacher is moved to
-    the module's device during distillation.
+    the module's device during distillation. On Ctrl-C Lightning sets SIGINT to "ignore" for
+    good, which would make the rest of the pipeline (and the user's program) deaf to Ctrl-C.
     """
     models = [model for model in (module, teacher) if model is not None]
     devices = [model_device(model) for model in models]
     modes = {submodule: submodule.training for model in models for submodule in model.modules()}
     attached = module.__dict__.get("_trainer")
     threads = torch.get_num_threads()
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
+        if (sigint is not None and signal.getsignal(signal.SIGINT) is not sigint
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(signal.SIGINT, sigint)
         torch.set_num_threads(threads)
         module.trainer = attached
         for model, device in zip(models, devices, strict=True):

@@ -30,6 +30,11 @@ def sqlite_url(path: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+def is_file_storage(url: str) -> bool:
+    """A journal or SQLite file on this machine: opening it writes the file, and it cannot be unreachable."""
+    return url.startswith(("journal:", "sqlite:")) or url.endswith(JOURNAL_SUFFIXES)
+
+
 def redacted(url: str) -> str:
     """``url`` without its password, for messages and logs."""
     if "://" not in url:

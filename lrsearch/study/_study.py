@@ -24,16 +24,24 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from lrsearch._atomic import atomic_write_json
-from lrsearch._errors import LrSearchError, format_problem
+from lrsearch._errors import Interrupted, LrSearchError, format_problem
 from lrsearch.core import Decomposition, count_params, macs_per_sample
 from lrsearch.core._runtime import ForwardFn, batch_size_of, model_device
 from lrsearch.core._targets import Patterns
-from lrsearch.measure import Budget, Evaluator, LatencyTable, LoggedMetric, build_latency_table, parse_budget
+from lrsearch.measure import (
+    Budget,
+    EvaluationError,
+    Evaluator,
+    LatencyTable,
+    LoggedMetric,
+    build_latency_table,
+    parse_budget,
+)
 from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
-from lrsearch.study._storage import open_storage, redacted, sqlite_url
+from lrsearch.study._storage import is_file_storage, open_storage, redacted, sqlite_url
 from lrsearch.study._warmstart import warm_starts
 
 __all__ = ["Candidate", "SearchResult", "search"]
@@ -150,70 +158,84 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
     budget = parse_budget(config.budget, relative=config.relative_budget)
     run_dir = Path(config.run_dir)
     storage_url = config.storage or sqlite_url(run_dir / "study.db")
-    if config.storage is None:
+    # A server first, so an unreachable one fails in seconds, before any evaluation. A file only once
+    # the data and the model's layers are checked, so that bad input leaves no study file behind.
+    storage = None if is_file_storage(storage_url) else open_storage(
+        storage_url, heartbeat_interval=config.heartbeat_interval)
+    with _resume_hint(config.study_name, storage_url):
+        batches = list(data)
+        evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
+        baseline = evaluator.evaluate(model)
+        allowed = budget.allowed_drop(baseline.value)
+        decomposition = Decomposition(model, method=config.method,  # type: ignore[arg-type]
+                                      calibration=calibration if calibration is not None else batches,
+                                      forward=forward, target_modules=target_modules,
+                                      exclude_modules=exclude_modules, conv_scheme=conv_scheme)
         run_dir.mkdir(parents=True, exist_ok=True)
-    # First, so an unreachable server fails in seconds, before any evaluation or a new run folder.
-    storage = open_storage(storage_url, heartbeat_interval=config.heartbeat_interval)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    batches = list(data)
-    evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
-    baseline = evaluator.evaluate(model)
-    allowed = budget.allowed_drop(baseline.value)
-    decomposition = Decomposition(model, method=config.method,  # type: ignore[arg-type]
-                                  calibration=calibration if calibration is not None else batches,
-                                  forward=forward, target_modules=target_modules,
-                                  exclude_modules=exclude_modules, conv_scheme=conv_scheme)
-    directions = ["minimize", "minimize"] if config.two_objectives else ["minimize"]
-    study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
-                                directions=directions, load_if_exists=True)
-    table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
-    is_faster = None if table is None else (lambda n, s, r: r in table.faster_ranks(n, s))
-    space = SearchSpace.build(decomposition, multiple=config.multiple, is_faster=is_faster)
-    if not space.layers:
-        raise LrSearchError(format_problem(
-            "No layer has a rank that is cheaper than its dense version",
-            given="; ".join(f"{n}: {r}" for n, r in list(space.fixed_dense.items())[:5]),
-            hint="layers this small gain nothing from factorization; try objective='macs' or a larger batch_size."))
-    costs = PlanCosts(decomposition, dense_params=count_params(model),
-                      dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
-    dense = costs({})
-    _prepare_study(study, config, budget=budget, baseline=baseline.value, allowed=allowed, dense=dense,
-                   metric_name=metric_name or _metric_label(metric))
-    if config.warm_start:
-        cost_of = _cost_fn(space, costs, config.objective)
-        for label, allocation in warm_starts(decomposition, space, cost_of):
-            study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": label}, skip_if_exists=True)
-    objective = Objective(decomposition=decomposition, space=space, evaluator=evaluator, baseline=baseline,
-                          allowed_drop=allowed, costs=costs, objective=config.objective,
-                          two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
-                          early_abort=config.early_abort)
-    remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
-    if remaining > 0:  # optimize() would run one trial even when the study already has enough
-        ctrl_c = _CtrlC(objective)
-        try:
+        if storage is None:
+            storage = open_storage(storage_url, heartbeat_interval=config.heartbeat_interval)
+        directions = ["minimize", "minimize"] if config.two_objectives else ["minimize"]
+        study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
+                                    directions=directions, load_if_exists=True)
+        table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
+        is_faster = None if table is None else (lambda n, s, r: r in table.faster_ranks(n, s))
+        space = SearchSpace.build(decomposition, multiple=config.multiple, is_faster=is_faster)
+        if not space.layers:
+            raise LrSearchError(format_problem(
+                "No layer has a rank that is cheaper than its dense version",
+                given="; ".join(f"{n}: {r}" for n, r in list(space.fixed_dense.items())[:5]),
+                hint="layers this small gain nothing from factorization; try objective='macs' or a larger "
+                     "batch_size."))
+        costs = PlanCosts(decomposition, dense_params=count_params(model),
+                          dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
+        dense = costs({})
+        _prepare_study(study, config, budget=budget, baseline=baseline.value, allowed=allowed, dense=dense,
+                       metric_name=metric_name or _metric_label(metric))
+        if config.warm_start:
+            cost_of = _cost_fn(space, costs, config.objective)
+            for label, allocation in warm_starts(decomposition, space, cost_of):
+                study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": label}, skip_if_exists=True)
+        objective = Objective(decomposition=decomposition, space=space, evaluator=evaluator, baseline=baseline,
+                              allowed_drop=allowed, costs=costs, objective=config.objective,
+                              two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
+                              early_abort=config.early_abort)
+        remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+        if remaining > 0:  # optimize() would run one trial even when the study already has enough
+            ctrl_c = _CtrlC(objective)
+            # A candidate that fails (the evaluator reports its forward's error as an EvaluationError;
+            # the baseline ran fine on the same data) fails its own trial, and the search goes on.
             with _no_traceback_for_interrupts(), ctrl_c.handling():
                 study.optimize(ctrl_c, n_trials=remaining, timeout=config.timeout,
                                callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks,
                                           ctrl_c.stop_if_requested],
-                               catch=(RuntimeError, FloatingPointError), show_progress_bar=show_progress_bar)
+                               catch=(RuntimeError, FloatingPointError, EvaluationError),
+                               show_progress_bar=show_progress_bar)
             if ctrl_c.requested:
                 raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            _logger.warning("interrupted; re-run the same command to resume study %r at %s",
-                            config.study_name, redacted(storage_url))
-            raise
-    pareto = _feasible_pareto(study, config.objective)
-    best = pareto[0] if pareto else None
-    full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
-    best_trial = study.trials[best.trial] if best else None
-    publish_plots(study, cost_key=config.objective, cost_label=config.objective, allowed_drop=allowed,
-                  best=best_trial, full_ranks=full_ranks)
-    result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
-                          baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
-                          pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
-                          latency_table=table)
-    atomic_write_json(run_dir / "search-result.json", result.to_dict())
-    return result
+        pareto = _feasible_pareto(study, config.objective)
+        best = pareto[0] if pareto else None
+        full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
+        best_trial = study.trials[best.trial] if best else None
+        publish_plots(study, cost_key=config.objective, cost_label=config.objective, allowed_drop=allowed,
+                      best=best_trial, full_ranks=full_ranks)
+        result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
+                              baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
+                              pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
+                              latency_table=table)
+        atomic_write_json(run_dir / "search-result.json", result.to_dict())
+        return result
+
+
+@contextmanager
+def _resume_hint(study_name: str, storage_url: str) -> Iterator[None]:
+    """Ctrl-C anywhere in a search (profiling or trials) becomes :class:`Interrupted`, which says how to resume."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as interrupt:
+        raise Interrupted(f"interrupted; re-run the same command to resume study {study_name!r} at "
+                          f"{redacted(storage_url)} (its finished trials are kept)") from interrupt
 
 
 class _CtrlC:
@@ -348,13 +370,15 @@ def _prepare_study(study: optuna.Study, config: SearchConfig, *, budget: Budget,
                 given=f"a baseline of {baseline:.6f} on this data",
                 hint="resume with the same validation data, or use a new study_name."))
         return
-    attrs = {"baseline": baseline, "budget": str(budget), "allowed_drop": allowed, "metric": metric_name,
+    attrs = {"budget": str(budget), "allowed_drop": allowed, "metric": metric_name,
              "objective": config.objective, "constraint": CONSTRAINT,
              "dense": dict(dense), "config": config.to_dict()}
     for key, value in attrs.items():
         study.set_user_attr(ATTR + key, value)
     names = [config.objective, "accuracy_drop"] if config.two_objectives else [config.objective]
     study.set_metric_names(names)
+    # Last: a study interrupted while being prepared has no baseline yet, so the next run prepares it again.
+    study.set_user_attr(ATTR + "baseline", baseline)
 
 
 def _feasible_pareto(study: optuna.Study, objective: str) -> list[Candidate]:

@@ -6,7 +6,8 @@ workers overlap and a signal lands inside a trial), ``hang_marker`` (the first t
 this file and then sleeps until it is killed), ``ready``/``go`` (write ``ready``, then wait for ``go`` before
 searching, so all workers start together), ``progress`` (a file holding how many trials this
 process has finished, written after each) and ``result`` (a JSON file this process writes
-when its search returns). Ctrl-C ends the process with status 130 and no traceback, as a CLI would.
+when its search returns). Ctrl-C ends the process with status 130, the one line that says how to
+resume and no traceback, as a CLI would.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def main(spec_path: str) -> int:
 
     try:
         result = lrsearch.search(model, data, callbacks=[finished], **spec["options"])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # lrsearch's Interrupted says how to resume
+        print(interrupt, file=sys.stderr)
         return 130
     study = optuna.load_study(study_name=result.study_name,
                               storage=lrsearch.study.open_storage(result.storage, heartbeat_interval=None))

@@ -1,4 +1,5 @@
-"""Fixtures of the reliability tests: a throwaway PostgreSQL server and a tiny trained MLP on disk."""
+"""Fixtures of the reliability tests: a throwaway PostgreSQL server, a tiny trained MLP on disk and
+the checkpoint of a tiny trained LightningModule for ``lrsearch tune``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.reliability._lit import TinyClassifier, TinyData
 from tests.reliability._worker import mlp
 from tests.reliability.postgres import find_bin_dir, postgres_server
 
@@ -53,3 +55,25 @@ def saved(trained, tmp_path: Path) -> Path:
     torch.save(model.state_dict(), tmp_path / "model.pt")
     torch.save([list(batch) for batch in val], tmp_path / "data.pt")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Lightning-style checkpoint (``state_dict`` key) of a TinyClassifier trained on TinyData."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        module, data = TinyClassifier(), TinyData()
+        x, y = data.x[:1024], data.y[:1024]
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = nn.functional.cross_entropy(module(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict()}, path)
+    return path

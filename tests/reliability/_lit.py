@@ -1,0 +1,106 @@
+"""Tiny Lightning module and datamodule the reliability tests name by class path (``lrsearch tune``).
+
+``TinyClassifier`` is the 16-64-64-4 MLP of tests/study; ``NoLinearClassifier`` has no layer
+lrsearch can factorize. ``TinyData`` generates the 4-class rule of the ``trained`` fixture; its
+flags take away the validation split, empty it, or drop the test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrsearch.core import LowRankCheckpointMixin
+
+__all__ = ["NoLinearClassifier", "NoValidationData", "TinyClassifier", "TinyData"]
+
+
+class TinyClassifier(LowRankCheckpointMixin, pl.LightningModule):
+    """A 16-hidden-hidden-4 MLP with cross-entropy and Adam; logs ``val_loss`` and ``val_acc``.
+
+    ``started_file``: the first training step creates it, so a test knows fine-tuning has begun.
+    """
+
+    def __init__(self, hidden: int = 64, lr: float = 1e-2, started_file: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, _index: int) -> torch.Tensor:
+        started = self.hparams.get("started_file")
+        if started and not Path(started).exists():
+            Path(started).write_text("training")
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, _index: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class NoLinearClassifier(TinyClassifier):
+    """Scores the first four inputs through a ReLU: no Linear or Conv2d to factorize."""
+
+    def __init__(self, lr: float = 1e-2) -> None:
+        pl.LightningModule.__init__(self)
+        self.save_hyperparameters()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x[:, :4] * self.scale)
+
+
+class TinyData(pl.LightningDataModule):
+    """1024 training, 512 validation and 256 test samples of a 4-class rule on 16 inputs.
+
+    ``empty_val`` makes the validation loader yield no batch; ``test=False`` drops the test split.
+    """
+
+    def __init__(self, batch_size: int = 128, empty_val: bool = False, test: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(1792, 16, generator=generator)
+        y = (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
+        self.x, self.y = x, y
+        self.batch_size, self.empty_val, self.has_test = batch_size, empty_val, test
+
+    def _loader(self, start: int, stop: int, *, shuffle: bool = False) -> DataLoader:
+        data = TensorDataset(self.x[start:stop], self.y[start:stop])
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
+                          generator=torch.Generator().manual_seed(0))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0, 1024, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1024, 1024 if self.empty_val else 1536)
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test:
+            return []  # type: ignore[return-value]
+        return self._loader(1536, 1792)
+
+
+class NoValidationData(pl.LightningDataModule):
+    """Training data only: no ``val_dataloader``, so nothing to search ranks on."""
+
+    def __init__(self, batch_size: int = 128) -> None:
+        super().__init__()
+        self.inner = TinyData(batch_size=batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.inner.train_dataloader()
