@@ -231,8 +231,6 @@ def _resume_hint(study_name: str, storage_url: str) -> Iterator[None]:
     """Ctrl-C anywhere in a search (profiling or trials) becomes :class:`Interrupted`, which says how to resume."""
     try:
         yield
-    except Interrupted:
-        raise
     except KeyboardInterrupt as interrupt:
         raise Interrupted(f"interrupted; re-run the same command to resume study {study_name!r} at "
                           f"{redacted(storage_url)} (its finished trials are kept)") from interrupt

@@ -1,8 +1,8 @@
 """Tiny Lightning module and datamodule the reliability tests name by class path (``lrsearch tune``).
 
 ``TinyClassifier`` is the 16-64-64-4 MLP of tests/study; ``NoLinearClassifier`` has no layer
-lrsearch can factorize. ``TinyData`` generates the 4-class rule of the ``trained`` fixture; its
-flags take away the validation split, empty it, or drop the test split.
+lrsearch can factorize. ``TinyData`` generates the 4-class rule of the ``trained`` fixture, with an
+empty validation split on request; ``NoValidationData`` has none at all.
 """
 
 from __future__ import annotations
@@ -67,16 +67,14 @@ class NoLinearClassifier(TinyClassifier):
 class TinyData(pl.LightningDataModule):
     """1024 training, 512 validation and 256 test samples of a 4-class rule on 16 inputs.
 
-    ``empty_val`` makes the validation loader yield no batch; ``test=False`` drops the test split.
+    ``empty_val`` makes the validation loader yield no batch.
     """
 
-    def __init__(self, batch_size: int = 128, empty_val: bool = False, test: bool = True, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 128, empty_val: bool = False) -> None:
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        x = torch.randn(1792, 16, generator=generator)
-        y = (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
-        self.x, self.y = x, y
-        self.batch_size, self.empty_val, self.has_test = batch_size, empty_val, test
+        x = torch.randn(1792, 16, generator=torch.Generator().manual_seed(0))
+        self.x, self.y = x, (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
+        self.batch_size, self.empty_val = batch_size, empty_val
 
     def _loader(self, start: int, stop: int, *, shuffle: bool = False) -> DataLoader:
         data = TensorDataset(self.x[start:stop], self.y[start:stop])
@@ -90,17 +88,15 @@ class TinyData(pl.LightningDataModule):
         return self._loader(1024, 1024 if self.empty_val else 1536)
 
     def test_dataloader(self) -> DataLoader:
-        if not self.has_test:
-            return []  # type: ignore[return-value]
         return self._loader(1536, 1792)
 
 
 class NoValidationData(pl.LightningDataModule):
     """Training data only: no ``val_dataloader``, so nothing to search ranks on."""
 
-    def __init__(self, batch_size: int = 128) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.inner = TinyData(batch_size=batch_size)
+        self.inner = TinyData()
 
     def train_dataloader(self) -> DataLoader:
         return self.inner.train_dataloader()

@@ -28,6 +28,7 @@ from typing import Any
 
 import optuna
 import pytest
+import pytorch_lightning as pl
 import torch
 from optuna.trial import TrialState
 from torch import nn
@@ -36,7 +37,7 @@ import lrsearch
 from lrsearch import cli
 from lrsearch._errors import LrSearchError, RecipeError
 from lrsearch.core import Decomposition
-from lrsearch.measure import EvaluationError
+from lrsearch.measure import EvaluationError, LoggedMetricError
 from lrsearch.pipeline._data import DataError
 from lrsearch.study import StorageError
 from tests.reliability._lit import NoLinearClassifier, NoValidationData, TinyClassifier, TinyData
@@ -139,19 +140,24 @@ CLI_CASES: list[Any] = [
     # storage
     pytest.param(["--storage", REFUSED], "Cannot open the study storage", id="storage refused"),
     pytest.param(["--storage", "not-a-url"], "Cannot tell what kind of storage", id="storage of no known kind"),
+    # a metric name the module never logs: the message lists the names it does log
+    pytest.param([*MODEL, "--ckpt_path", "{ckpt}", "--monitor", "val_accuracy"],
+                 ("never logs 'val_accuracy'", "'val_acc', 'val_loss'"), id="monitor a name never logged"),
 ]
 
 
-def _check_cli(status: int, out: str, err: str, fragment: str) -> None:
+def _check_cli(status: int, out: str, err: str, fragment: str | tuple[str, ...]) -> None:
     lines = err.strip().splitlines()
     assert status == cli.EXIT_USAGE, err
     assert len(lines) == 1 and lines[0].startswith("lrsearch tune: error: "), err
-    assert fragment in lines[0], lines[0]
+    for part in (fragment,) if isinstance(fragment, str) else fragment:
+        assert part in lines[0], lines[0]
     assert "Traceback" not in out + err
 
 
 @pytest.mark.parametrize(("argv", "fragment"), CLI_CASES)
-def test_cli_bad_input(argv: list[str], fragment: str, tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_cli_bad_input(argv: list[str], fragment: str | tuple[str, ...], tiny_checkpoint: Path, tmp_path: Path,
+                       capsys) -> None:
     paths = _inputs(tmp_path, tiny_checkpoint)
     before = _listing(tmp_path)
     status = cli.main(["tune", *(word.format(**paths) for word in argv), "--run_dir", paths["run"], *TINY])
@@ -251,7 +257,21 @@ API_CASES: list[Any] = [
                  StorageError, "Cannot open the study storage", id="search storage refused"),
     pytest.param(lambda api: lrsearch.search(api.module, api.val(), run_dir=api.run, storage="not-a-url"),
                  StorageError, "Cannot tell what kind of storage", id="search storage of no known kind"),
+    # a metric name the module never logs: the message lists the names it does log
+    pytest.param(lambda api: lrsearch.compress(api.module, budget="1%", run_dir=api.run, datamodule=TinyData(),
+                                               monitor="val_accuracy"),
+                 LoggedMetricError, "never logs 'val_accuracy'", id="compress monitor a name never logged"),
+    pytest.param(lambda api: _fit_with(api, lrsearch.RankSearch(budget="1%", run_dir=api.run, monitor="val_accuracy")),
+                 LoggedMetricError, "never logs 'val_accuracy'", id="RankSearch monitor a name never logged"),
 ]
+
+
+def _fit_with(api: Api, callback: Any) -> None:
+    """A fit that trains nothing (the module stays as it is) and ends in the callback's on_fit_end."""
+    trainer = pl.Trainer(limit_train_batches=0, max_epochs=1, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=api.folder / "trainer", callbacks=[callback])
+    trainer.fit(api.module, datamodule=TinyData())
 
 
 @pytest.mark.parametrize(("call", "error", "fragment"), API_CASES)
