@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from lrsearch._errors import (
     BudgetError,
     CalibrationError,
+    Interrupted,
     InvalidRankError,
     LrSearchError,
     NoMatchingModuleError,
@@ -89,6 +90,7 @@ __all__ = [
     "DENSE",
     "Decomposition",
     "FinetuneConfig",
+    "Interrupted",
     "InvalidRankError",
     "LayerGeometry",
     "LoggedMetric",

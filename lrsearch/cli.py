@@ -397,22 +397,29 @@ class _StderrHandler(logging.Handler):
 @contextlib.contextmanager
 def _lrsearch_logs_on_stderr() -> Iterator[None]:
     """lrsearch's INFO messages (latency table, each candidate's verified drop) on stderr; Optuna's
-    per-trial lines off (its progress bar replaces them). Everything is put back afterwards."""
+    per-trial lines off (its progress bar replaces them), and a failed trial's warning without its
+    traceback (the line already names the error). Everything is put back afterwards."""
     logger = logging.getLogger("lrsearch")
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("lrsearch: %(message)s"))
     level, optuna_level = logger.level, None
+    optuna_logger = logging.getLogger("optuna")
     if "optuna" in sys.modules or importlib.util.find_spec("optuna") is not None:
         import optuna
 
         optuna_level = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna_handlers = list(optuna_logger.handlers)  # a logger's own filters miss its children's records
+    for optuna_handler in optuna_handlers:
+        optuna_handler.addFilter(_without_traceback)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     _QUIETED.clear()
     try:
         yield
     finally:
+        for optuna_handler in optuna_handlers:
+            optuna_handler.removeFilter(_without_traceback)
         logger.removeHandler(handler)
         logger.setLevel(level)
         for name, previous in _QUIETED.items():
@@ -422,6 +429,12 @@ def _lrsearch_logs_on_stderr() -> Iterator[None]:
             import optuna
 
             optuna.logging.set_verbosity(optuna_level)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Keep the record, drop its traceback: one failed trial is one line, and the search goes on."""
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _quiet_lightning() -> None:
@@ -443,7 +456,7 @@ class _Job:
     def __init__(self, parser: Any, args: Any, command: str) -> None:
         from lrsearch.pipeline import FinetuneConfig
         from lrsearch.study import SearchConfig
-        from lrsearch.study._storage import is_file_storage, open_storage
+        from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage
 
         self.command, self.args = command, args
         _quiet_lightning()
@@ -462,7 +475,9 @@ class _Job:
             # No new trials: the study's n_trials becomes the number of trials the workers ran.
             self.search_config = replace(self.search_config,
                                          n_trials=_counted_trials(storage, self.search_config.study_name))
-        if storage is not None and not is_file_storage(storage):
+        if storage is not None and is_file_storage(storage):
+            check_file_storage(storage)  # not writable: fail before any work, creating nothing
+        elif storage is not None:
             open_storage(storage, heartbeat_interval=None)  # unreachable or malformed: fail before any work
         if (args.model is None) != (args.data is None):
             given, missing = ("model", "data") if args.data is None else ("data", "model")

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from lrsearch._errors import LrSearchError, format_problem
 
-__all__ = ["StorageError", "fail_stale_trials", "open_storage", "sqlite_url"]
+__all__ = ["StorageError", "check_file_storage", "fail_stale_trials", "open_storage", "sqlite_url"]
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
@@ -33,6 +33,37 @@ def sqlite_url(path: str | os.PathLike[str]) -> str:
 def is_file_storage(url: str) -> bool:
     """A journal or SQLite file on this machine: opening it writes the file, and it cannot be unreachable."""
     return url.startswith(("journal:", "sqlite:")) or url.endswith(JOURNAL_SUFFIXES)
+
+
+def check_file_storage(url: str) -> None:
+    """Fail now, writing nothing, if a journal or SQLite file could not be created or written later.
+
+    File storages are opened only after the data and the model are checked (opening writes the
+    file), so without this a mistyped path would surface only after minutes of profiling.
+    """
+    path = _file_of(url)
+    if path is None:
+        return
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    problem = None
+    if existing == path and path.is_dir():
+        problem = "is a folder, not a file"
+    elif existing != path and not existing.is_dir():
+        problem = f"cannot be created: {existing} is a file, not a folder"
+    elif not os.access(existing, os.W_OK):
+        problem = f"cannot be written: {existing} is read-only"
+    if problem is not None:
+        raise StorageError(format_problem(f"The study storage {path} {problem}",
+                                          hint="pass --storage (storage=) a writable file path, or another run_dir."))
+
+
+def _file_of(url: str) -> Path | None:
+    if url.startswith("journal:") or url.endswith(JOURNAL_SUFFIXES):
+        return Path(url.removeprefix("journal:")).absolute()
+    if url.startswith("sqlite:///"):
+        name = url.removeprefix("sqlite:///").split("?")[0]
+        return Path(name).absolute() if name and name != ":memory:" else None
+    return None
 
 
 def redacted(url: str) -> str:

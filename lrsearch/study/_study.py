@@ -41,7 +41,7 @@ from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
-from lrsearch.study._storage import is_file_storage, open_storage, redacted, sqlite_url
+from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, sqlite_url
 from lrsearch.study._warmstart import warm_starts
 
 __all__ = ["Candidate", "SearchResult", "search"]
@@ -160,8 +160,11 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
     storage_url = config.storage or sqlite_url(run_dir / "study.db")
     # A server first, so an unreachable one fails in seconds, before any evaluation. A file only once
     # the data and the model's layers are checked, so that bad input leaves no study file behind.
-    storage = None if is_file_storage(storage_url) else open_storage(
-        storage_url, heartbeat_interval=config.heartbeat_interval)
+    storage = None
+    if is_file_storage(storage_url):
+        check_file_storage(storage_url)
+    else:
+        storage = open_storage(storage_url, heartbeat_interval=config.heartbeat_interval)
     with _resume_hint(config.study_name, storage_url):
         batches = list(data)
         evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))

@@ -230,3 +230,21 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
     assert calls["search_budget"] == "2%" and calls["max_candidates"] == 2 and calls["budget"] == "0.5%"
     assert calls["search_config"].objective == "macs" and calls["search_config"].threads == 1
     assert calls["finetune_config"].distill is False and calls["finetune_config"].epochs == 2
+
+
+def test_a_failed_trial_is_one_line_without_its_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    import optuna
+
+    optuna.logging.get_logger("optuna")  # the library handler exists before the command starts
+    with cli._lrsearch_logs_on_stderr():
+        try:
+            raise RuntimeError("candidate exploded")
+        except RuntimeError as error:
+            logging.getLogger("optuna.study._optimize").warning("Trial 3 failed: %r", error, exc_info=error)
+    err = capfd.readouterr().err
+    assert "Trial 3 failed: RuntimeError('candidate exploded')" in err
+    assert "Traceback" not in err
+    handlers = logging.getLogger("optuna").handlers
+    assert handlers and all(not handler.filters for handler in handlers)  # put back afterwards

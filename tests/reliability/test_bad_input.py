@@ -140,6 +140,8 @@ CLI_CASES: list[Any] = [
     # storage
     pytest.param(["--storage", REFUSED], "Cannot open the study storage", id="storage refused"),
     pytest.param(["--storage", "not-a-url"], "Cannot tell what kind of storage", id="storage of no known kind"),
+    pytest.param(["--storage", "journal:{tmp}"], "is a folder, not a file", id="journal storage is a folder"),
+    pytest.param(["--storage", "sqlite:///{ckpt}/study.db"], "cannot be created", id="sqlite storage under a file"),
     # a metric name the module never logs: the message lists the names it does log
     pytest.param([*MODEL, "--ckpt_path", "{ckpt}", "--monitor", "val_accuracy"],
                  ("never logs 'val_accuracy'", "'val_acc', 'val_loss'"), id="monitor a name never logged"),
@@ -243,6 +245,9 @@ API_CASES: list[Any] = [
                  StorageError, "Cannot open the study storage", id="search storage refused"),
     pytest.param(lambda api: lrsearch.search(api.module, api.val(), run_dir=api.run, storage="not-a-url"),
                  StorageError, "Cannot tell what kind of storage", id="search storage of no known kind"),
+    pytest.param(lambda api: lrsearch.search(api.module, api.val(), run_dir=api.run,
+                                             storage=f"journal:{api.folder}"),
+                 StorageError, "is a folder, not a file", id="search journal storage is a folder"),
     # a metric name the module never logs: the message lists the names it does log
     pytest.param(lambda api: lrsearch.compress(api.module, budget="1%", run_dir=api.run, datamodule=TinyData(),
                                                monitor="val_accuracy"),
