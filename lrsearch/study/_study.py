@@ -356,6 +356,11 @@ def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: De
                                     threads=threads, forward=forward, multiple=config.multiple,
                                     min_run_time=config.latency_min_run_time, repeats=config.latency_repeats)
         table.save(path)
+    # Another worker may have stored its table while this one measured: the first stored wins, so
+    # every worker offers the same rank choices (Optuna refuses a parameter whose choices differ).
+    stored = study.user_attrs.get(ATTR + "latency_table")
+    if stored is not None:
+        return LatencyTable.from_dict(stored)
     study.set_user_attr(ATTR + "latency_table", table.to_dict())
     return table
 

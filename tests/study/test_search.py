@@ -238,6 +238,23 @@ def test_latency_table_built_once_and_slow_layer_stays_dense(trained, tmp_path: 
         {name: (best.schemes[name], rank) for name, rank in best.ranks.items()}))
 
 
+def test_a_table_another_worker_stored_meanwhile_wins(trained, tmp_path: Path, monkeypatch) -> None:
+    """Workers that measure at once must end with one table, or Optuna refuses their rank choices."""
+    model, val = trained
+    theirs = _table(model, slow_layer="0")
+
+    def build_while_another_worker_stores(decomposition, *args, **kwargs):
+        study = optuna.load_study(study_name="lrsearch", storage=f"sqlite:///{tmp_path / 'study.db'}")
+        study.set_user_attr("lrsearch:latency_table", theirs.to_dict())
+        return _table(model, slow_layer="2")
+
+    monkeypatch.setattr(study_module, "build_latency_table", build_while_another_worker_stores)
+    result = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "objective": "latency", "n_trials": 3})
+    assert result.latency_table.to_dict() == theirs.to_dict()
+    assert "0" in result.space.fixed_dense and "2" in result.space.layers
+    assert _study(result).user_attrs["lrsearch:latency_table"] == theirs.to_dict()
+
+
 def test_unknown_option_is_a_clear_type_error(trained, tmp_path: Path) -> None:
     model, val = trained
     with pytest.raises(TypeError, match="SearchConfig"):
