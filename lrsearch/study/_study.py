@@ -181,14 +181,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
                                     directions=directions, load_if_exists=True)
         table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
-        is_faster = None if table is None else (lambda n, s, r: r in table.faster_ranks(n, s))
-        space = SearchSpace.build(decomposition, multiple=config.multiple, is_faster=is_faster)
-        if not space.layers:
-            raise LrSearchError(format_problem(
-                "No layer has a rank that is cheaper than its dense version",
-                given="; ".join(f"{n}: {r}" for n, r in list(space.fixed_dense.items())[:5]),
-                hint="layers this small gain nothing from factorization; try objective='macs' or a larger "
-                     "batch_size."))
+        space = _space(decomposition, config, table)
         costs = PlanCosts(decomposition, dense_params=count_params(model),
                           dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
         dense = costs({})
@@ -202,31 +195,50 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                               allowed_drop=allowed, costs=costs, objective=config.objective,
                               two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                               early_abort=config.early_abort)
-        remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
-        if remaining > 0:  # optimize() would run one trial even when the study already has enough
-            ctrl_c = _CtrlC(objective)
-            # A candidate that fails (the evaluator reports its forward's error as an EvaluationError;
-            # the baseline ran fine on the same data) fails its own trial, and the search goes on.
-            with _no_traceback_for_interrupts(), ctrl_c.handling():
-                study.optimize(ctrl_c, n_trials=remaining, timeout=config.timeout,
-                               callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks,
-                                          ctrl_c.stop_if_requested],
-                               catch=(RuntimeError, FloatingPointError, EvaluationError),
-                               show_progress_bar=show_progress_bar)
-            if ctrl_c.requested:
-                raise KeyboardInterrupt
+        _run_trials(study, objective, config, callbacks=callbacks, show_progress_bar=show_progress_bar)
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
         full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
-        best_trial = study.trials[best.trial] if best else None
         publish_plots(study, cost_key=config.objective, cost_label=config.objective, allowed_drop=allowed,
-                      best=best_trial, full_ranks=full_ranks)
+                      best=study.trials[best.trial] if best else None, full_ranks=full_ranks)
         result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
                               baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
                               pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
                               latency_table=table)
         atomic_write_json(run_dir / "search-result.json", result.to_dict())
         return result
+
+
+def _space(decomposition: Decomposition, config: SearchConfig, table: LatencyTable | None) -> SearchSpace:
+    """Each layer's rank choices; a rank the latency table measured no faster than dense is left out."""
+    is_faster = None if table is None else (lambda n, s, r: r in table.faster_ranks(n, s))
+    space = SearchSpace.build(decomposition, multiple=config.multiple, is_faster=is_faster)
+    if not space.layers:
+        raise LrSearchError(format_problem(
+            "No layer has a rank that is cheaper than its dense version",
+            given="; ".join(f"{n}: {r}" for n, r in list(space.fixed_dense.items())[:5]),
+            hint="layers this small gain nothing from factorization; try objective='macs' or a larger "
+                 "batch_size."))
+    return space
+
+
+def _run_trials(study: optuna.Study, objective: Objective, config: SearchConfig, *, callbacks: Sequence[Any],
+                show_progress_bar: bool) -> None:
+    """Run the trials the study still lacks; Ctrl-C ends them cleanly (see :class:`_CtrlC`)."""
+    remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+    if remaining <= 0:  # optimize() would run one trial even when the study already has enough
+        return
+    ctrl_c = _CtrlC(objective)
+    # A candidate that fails (the evaluator reports its forward's error as an EvaluationError;
+    # the baseline ran fine on the same data) fails its own trial, and the search goes on.
+    with _no_traceback_for_interrupts(), ctrl_c.handling():
+        study.optimize(ctrl_c, n_trials=remaining, timeout=config.timeout,
+                       callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks,
+                                  ctrl_c.stop_if_requested],
+                       catch=(RuntimeError, FloatingPointError, EvaluationError),
+                       show_progress_bar=show_progress_bar)
+    if ctrl_c.requested:
+        raise KeyboardInterrupt
 
 
 @contextmanager
