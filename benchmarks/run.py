@@ -12,7 +12,7 @@ AIMET-style greedy sensitivity + bisection, and lrsearch.
 
 Run from the repository root::
 
-    python benchmarks/run.py                 # everything, about 25 min on a quiet 2-core machine
+    python benchmarks/run.py                 # everything, about 40 min on 2 cores (MiniLM: 32)
     python benchmarks/run.py --quick         # a few minutes, writes results-quick.*
     python benchmarks/run.py --models mnist1d_mlp digits_mlp --threads 1
 
