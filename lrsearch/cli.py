@@ -661,6 +661,13 @@ def _threads(count: int | None) -> str:
     return "" if not count else f", {count} thread{'s' if count != 1 else ''}"
 
 
+def _interval_text(interval: Any) -> str:
+    """`` [95 %: -0.20 to 0.90]`` after a drop in points, or nothing for a metric without one."""
+    if not isinstance(interval, list) or len(interval) != 2:
+        return ""
+    return f" [95 %: {100 * interval[0]:.2f} to {100 * interval[1]:.2f}]"
+
+
 def _percent(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -686,7 +693,8 @@ def _summary(report: Mapping[str, Any], paths: Mapping[str, str], run_dir: Path)
     rows = [
         ("", "original", "compressed", ""),
         (f"{metric} on {verify}", _percent(dense.get("verify_metric")), _percent(final.get("verify_metric")),
-         f"drop {100 * final['verify_drop']:.2f} points (allowed {100 * report['allowed_drop']:.2f})"
+         f"drop {100 * final['verify_drop']:.2f} points{_interval_text(final.get('verify_drop_interval'))} "
+         f"(allowed {100 * report['allowed_drop']:.2f})"
          if final else f"allowed drop {100 * report['allowed_drop']:.2f} points"),
         (f"{metric} on {searched}", _percent(dense.get("search_metric")), _percent(final.get("search_metric")), ""),
         ("parameters", _count(dense.get("params")), _count(final.get("params")), ratio("params", "fewer")),

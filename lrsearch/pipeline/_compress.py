@@ -32,7 +32,7 @@ from lrsearch.core import count_params, get_recipe, macs_per_sample, save
 from lrsearch.core._runtime import ForwardFn, batch_size_of, default_forward, move_to_device
 from lrsearch.core._serialization import CHECKPOINT_KEY
 from lrsearch.core._targets import Patterns
-from lrsearch.measure import Evaluator, parse_budget, time_call
+from lrsearch.measure import Evaluation, Evaluator, paired_drop_interval, parse_budget, time_call
 from lrsearch.pipeline._data import PipelineData, calibration_batches, resolve_data
 from lrsearch.pipeline._finetune import FinetuneConfig, finetune
 from lrsearch.pipeline._lightning import clone_module, namespace_of
@@ -105,7 +105,8 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     verifier = Evaluator(data.verify, metric=metric, batch_fn=batch_fn)
     searcher = Evaluator(data.search, metric=metric, batch_fn=batch_fn)
     # Before the search writes anything: a metric the module cannot produce fails here.
-    base_verify = verifier.evaluate(module).value
+    base_evaluation = verifier.evaluate(module)
+    base_verify = base_evaluation.value
     config = replace(search_config or SearchConfig(), budget=searched.drop, run_dir=str(run_dir / "search"))
     result = search(module, data.search, config, calibration=calibration_batches(data.train, data.search),
                     metric=metric, metric_name=metric_name, batch_fn=batch_fn, forward=forward,
@@ -122,13 +123,17 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
                              root_dir=run_dir / f"finetune-trial{candidate.trial}", config=finetune_config,
                              train_dataloaders=data.train, val_dataloaders=DataLoader(data.search, batch_size=None),
                              forward=forward)
-            value = verifier.evaluate(tuned).value
+            evaluation = verifier.evaluate(tuned)
+            value = evaluation.value
             drop = sign * (base_verify - value)
             holds = drop <= allowed
+            interval = _drop_interval(base_evaluation, evaluation)
             attempts.append({"trial": candidate.trial, "ranks": _jsonable(candidate.ranks),
-                             "search_drop": candidate.drop, "verify_drop": drop, "meets_budget": holds})
+                             "search_drop": candidate.drop, "verify_drop": drop,
+                             "verify_drop_interval": interval, "meets_budget": holds})
             _logger.info("trial %d after fine-tuning: drop %.4f on %s (allowed %.4f)", candidate.trial, drop,
                          data.verify_split, allowed)
+            _warn_if_undecided(candidate.trial, interval, allowed, data.verify_split)
             if holds:
                 final = (candidate, tuned, value)
                 break
@@ -174,6 +179,21 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+def _drop_interval(base: Evaluation, candidate: Evaluation) -> list[float] | None:
+    """95 % interval of an accuracy drop from paired per-sample hits; None for metrics without them."""
+    if base.correct is None or candidate.correct is None:
+        return None
+    return list(paired_drop_interval(base.correct, candidate.correct))
+
+
+def _warn_if_undecided(trial: int, interval: list[float] | None, allowed: float, split: str) -> None:
+    """Say so when the verify split cannot tell whether the budget holds: the verdict is then luck."""
+    if interval is not None and interval[0] <= allowed < interval[1]:
+        _logger.warning("trial %d: the 95%% interval of its drop on %s, %.2f to %.2f points, straddles the "
+                        "allowed %.2f: the split is too small to tell whether the budget holds; a larger test "
+                        "split would", trial, split, 100 * interval[0], 100 * interval[1], 100 * allowed)
 
 
 def _jsonable(ranks: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,6 +245,7 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *, budg
         **measured, "trial": candidate.trial, "predicted_latency_ms": predicted,
         "search_metric": searcher.evaluate(model).value,
         "verify_metric": value, "search_drop": candidate.drop, "verify_drop": attempts[-1]["verify_drop"],
+        "verify_drop_interval": attempts[-1]["verify_drop_interval"],
         "ranks": _jsonable(candidate.ranks),
         "full_ranks": {name: list(rank) if isinstance(rank, tuple) else rank for name, rank in full_ranks.items()},
         "speedup": dense["latency_ms"] / measured["latency_ms"],

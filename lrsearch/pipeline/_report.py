@@ -22,13 +22,14 @@ Schema (every key optional except those marked ``*``; drops and metrics are frac
                 "latency_ms": float (measured), "predicted_latency_ms": float | None,
                 "search_metric": float, "verify_metric": float,
                 "search_drop": float, "verify_drop": float,
+                "verify_drop_interval": [low, high] | None,  # 95 %, paired; accuracy only
                 "ranks": {layer: int | [int, int] | "dense"},
                 "full_ranks": {layer: int | [int, int]},
                 "speedup": float, "predicted_speedup": float | None},
       "layer_order": [str],           # model order of the layers (report.json sorts dict keys,
                                       # so without it layers are listed alphabetically)
-      "attempts": [{"trial": int, "ranks": {...}, "search_drop": float,
-                    "verify_drop": float, "meets_budget": bool}],
+      "attempts": [{"trial": int, "ranks": {...}, "search_drop": float, "verify_drop": float,
+                    "verify_drop_interval": [low, high] | None, "meets_budget": bool}],
       "trials": [{"number": int, "cost": float, "drop": float, "feasible": bool}],
       "paths": {"model": str, "checkpoint": str, "study": str, ...},
       "splits": {"search": str, "verify": str}
@@ -195,6 +196,14 @@ def _drop(value: object, allowed: object) -> str:
     return f'<span class="over">{text}</span>' if over else text
 
 
+def _interval(value: object) -> str:
+    """``"-0.20 to 0.90 pts"`` for a 95 % drop interval; empty when the metric has none."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return ""
+    low, high = (_number(bound) for bound in value)
+    return "" if low is None or high is None else f"{low * 100:.2f} to {high * 100:.2f} pts"
+
+
 def _section(report: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     value = report.get(key)
     return value if isinstance(value, Mapping) else {}
@@ -257,9 +266,12 @@ def _headline(report: Mapping[str, Any], met: bool) -> str:
     allowed = _points(report["allowed_drop"])
     if met:
         title = "Budget met"
+        interval = _interval(final.get("verify_drop_interval"))
         detail = (f"The compressed model loses {_points(final.get('verify_drop'))} of "
-                  f"{_e(report['metric'])} on the verify split ({verify}); the budget is {budget} "
-                  f"(at most {allowed}). Measured speedup: {_times(final.get('speedup'))}.")
+                  f"{_e(report['metric'])} on the verify split ({verify})"
+                  + (f" (95 % interval {interval})" if interval else "")
+                  + f"; the budget is {budget} (at most {allowed}). "
+                  f"Measured speedup: {_times(final.get('speedup'))}.")
     else:
         title = "Budget NOT met"
         detail = (f"No compressed configuration stayed within the budget of {budget} "
@@ -288,7 +300,9 @@ def _comparison(report: Mapping[str, Any]) -> str:
         (f"{metric} on the verify split{verify}", _metric(dense.get("verify_metric")),
          _metric(final.get("verify_metric")), ""),
         ("Drop on the search split", _MISSING, _drop(final.get("search_drop"), allowed), f"budget {report['budget']}"),
-        ("Drop on the verify split", _MISSING, _drop(final.get("verify_drop"), allowed), f"budget {report['budget']}"),
+        ("Drop on the verify split", _MISSING, _drop(final.get("verify_drop"), allowed),
+         f"budget {report['budget']}" + (f"; 95 % interval {interval}"
+                                         if (interval := _interval(final.get("verify_drop_interval"))) else "")),
         ("Parameters", _si(dense.get("params")), _si(final.get("params")),
          _ratio(final.get("params"), dense.get("params"))),
         ("MACs", _si(dense.get("macs")), _si(final.get("macs")), _ratio(final.get("macs"), dense.get("macs"))),
@@ -348,8 +362,10 @@ def _attempts_section(report: Mapping[str, Any]) -> str:
         ranks = _ranks_text(attempt.get("ranks"), report.get("layer_order"))
         rows.append((str(index + 1), _e(attempt.get("trial", _MISSING)),
                      _drop(attempt.get("search_drop"), report["allowed_drop"]),
-                     _drop(attempt.get("verify_drop"), report["allowed_drop"]), within, f"<code>{_e(ranks)}</code>"))
-    return _table(["#", "Trial", "Drop (search)", "Drop (verify)", "Within budget", "Ranks"], rows)
+                     _drop(attempt.get("verify_drop"), report["allowed_drop"]),
+                     _interval(attempt.get("verify_drop_interval")) or _MISSING, within, f"<code>{_e(ranks)}</code>"))
+    return _table(["#", "Trial", "Drop (search)", "Drop (verify)", "95 % interval (verify)", "Within budget",
+                   "Ranks"], rows)
 
 
 def _run_section(report: Mapping[str, Any]) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lrsearch
-from lrsearch.measure import Evaluator
+from lrsearch.measure import Evaluator, paired_drop_interval
 from lrsearch.pipeline import _compress
 from lrsearch.pipeline._data import DataError
 
@@ -117,6 +117,13 @@ def test_callback_compresses_saves_and_reloads(tmp_path: Path) -> None:
     assert report["final"]["params"] == lrsearch.count_params(compressed)
     assert report["final"]["verify_drop"] <= report["allowed_drop"]
     assert report["final"]["ranks"] == {k: v for k, v in result.ranks.items()}
+    # The drop's 95 % interval comes from the same paired per-sample hits, and the page shows it.
+    base, tuned = Evaluator(test_batches).evaluate(module), Evaluator(test_batches).evaluate(compressed)
+    low, high = report["final"]["verify_drop_interval"]
+    assert [low, high] == pytest.approx(list(paired_drop_interval(base.correct, tuned.correct)))
+    assert low <= report["final"]["verify_drop"] <= high and low < high
+    assert report["attempts"][-1]["verify_drop_interval"] == [low, high]
+    assert f"{low * 100:.2f} to {high * 100:.2f} pts" in (run / "report.html").read_text()
 
 
 def _breaking_finetune(*, first_only: bool):
@@ -241,3 +248,14 @@ def test_lightning_namespace_callback(tmp_path: Path) -> None:
     trainer.fit(Module(), train_dataloaders=Data().train_dataloader(), val_dataloaders=Data().val_dataloader())
     assert callback.result is not None
     assert (tmp_path / "lrs" / "report.json").is_file()
+
+
+@pytest.mark.parametrize(("interval", "warned"), [([0.001, 0.009], True), ([-0.004, 0.004], False),
+                                                  ([0.006, 0.02], False), (None, False)])
+def test_a_verify_split_too_small_to_decide_is_flagged(interval, warned, caplog) -> None:
+    with caplog.at_level("WARNING", logger="lrsearch"):
+        _compress._warn_if_undecided(7, interval, 0.005, "test")
+    messages = [record.getMessage() for record in caplog.records]
+    assert bool(messages) == warned
+    if warned:
+        assert "trial 7" in messages[0] and "0.10 to 0.90 points" in messages[0] and "allowed 0.50" in messages[0]

@@ -93,6 +93,7 @@ def test_callback_scores_by_the_logged_accuracy(tmp_path: Path) -> None:
     compressed = lrsearch.load(tmp_path / "lrs" / "model", Classifier())
     assert report["final"]["verify_metric"] == pytest.approx(_validate(tmp_path, compressed, "val_acc"), abs=1e-6)
     assert report["final"]["verify_drop"] <= report["allowed_drop"]
+    assert report["final"]["verify_drop_interval"] is None  # a logged value has no per-sample hits
 
 
 def test_a_logged_loss_counts_an_increase_as_the_drop(tmp_path: Path) -> None:
