@@ -64,6 +64,8 @@ def test_tune_default_runs_end_to_end(tuned) -> None:
                  str(run_dir / "compressed.ckpt"), str(run_dir / "report.html"), "lrsearch dashboard"):
         assert text in out, text
     assert f"{report['dense']['params']:,}" in out and f"{report['final']['params']:,}" in out
+    low, high = report["final"]["verify_drop_interval"]
+    assert f"[95 %: {100 * low:.2f} to {100 * high:.2f}]" in out
 
 
 def test_report_rebuilds_the_html(tuned, capsys) -> None:
