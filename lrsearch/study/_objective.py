@@ -49,6 +49,15 @@ class PlanCosts:
             figures["latency"] = self.table.predict(plan)
         return figures
 
+    def dense_layer(self, name: str, objective: str) -> float:
+        """What the dense layer ``name`` alone costs per forward, in the objective's unit."""
+        if objective == "latency":
+            assert self.table is not None, "objective='latency' is checked to come with a table"
+            layer = self.table.layers[name]
+            return layer.calls * layer.dense
+        cost = dense_cost(self.decomposition.geometry(name))
+        return float(cost.params if objective == "params" else (cost.macs or 0))
+
 
 class Objective:
     """Callable for ``study.optimize``; returns the cost objective (and the drop, if two objectives)."""

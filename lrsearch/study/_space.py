@@ -96,6 +96,10 @@ class SearchSpace:
         """Encode a ``{layer: choice}`` allocation as Optuna params (missing layers: dense)."""
         return {param_name(name): ranks.get(name, DENSE) for name in self.layers}
 
+    def allocation(self, params: Mapping[str, Any]) -> dict[str, Choice]:
+        """Decode Optuna params into a ``{layer: choice}`` allocation: the inverse of :meth:`params`."""
+        return {name: params.get(param_name(name), DENSE) for name in self.layers}
+
     @staticmethod
     def key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         """A hashable identity of a configuration, for skipping duplicates."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -42,7 +43,7 @@ from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
 from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, sqlite_url
-from lrsearch.study._warmstart import warm_starts
+from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
 
 __all__ = ["Candidate", "SearchResult", "search"]
 
@@ -187,15 +188,19 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         dense = costs({})
         _prepare_study(study, config, budget=budget, baseline=baseline.value, allowed=allowed, dense=dense,
                        metric_name=metric_name or _metric_label(metric))
+        bisection = None
         if config.warm_start:
             cost_of = _cost_fn(space, costs, config.objective)
             for label, allocation in warm_starts(decomposition, space, cost_of):
                 study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": label}, skip_if_exists=True)
+            if config.worker_index == 0:  # one worker refines; the others would probe the same points
+                bisection = GreedyBisection(space, kept_energy(decomposition, space), cost_of)
         objective = Objective(decomposition=decomposition, space=space, evaluator=evaluator, baseline=baseline,
                               allowed_drop=allowed, costs=costs, objective=config.objective,
                               two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                               early_abort=config.early_abort)
-        _run_trials(study, objective, config, callbacks=callbacks, show_progress_bar=show_progress_bar)
+        _run_trials(study, objective, config, space=space, bisection=bisection, callbacks=callbacks,
+                    show_progress_bar=show_progress_bar)
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
         full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
@@ -222,23 +227,61 @@ def _space(decomposition: Decomposition, config: SearchConfig, table: LatencyTab
     return space
 
 
-def _run_trials(study: optuna.Study, objective: Objective, config: SearchConfig, *, callbacks: Sequence[Any],
-                show_progress_bar: bool) -> None:
-    """Run the trials the study still lacks; Ctrl-C ends them cleanly (see :class:`_CtrlC`)."""
-    remaining = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
-    if remaining <= 0:  # optimize() would run one trial even when the study already has enough
-        return
+def _run_trials(study: optuna.Study, objective: Objective, config: SearchConfig, *, space: SearchSpace,
+                bisection: GreedyBisection | None, callbacks: Sequence[Any], show_progress_bar: bool) -> None:
+    """Run the trials the study still lacks; Ctrl-C ends them cleanly (see :class:`_CtrlC`).
+
+    With a ``bisection``, the enqueued warm starts run first, then the bisection's probes one at a
+    time (each depends on the last one's feasibility), then the sampler; all count toward
+    ``n_trials`` and share ``timeout``.
+    """
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
     ctrl_c = _CtrlC(objective)
-    # A candidate that fails (the evaluator reports its forward's error as an EvaluationError;
-    # the baseline ran fine on the same data) fails its own trial, and the search goes on.
-    with _no_traceback_for_interrupts(), ctrl_c.handling():
-        study.optimize(ctrl_c, n_trials=remaining, timeout=config.timeout,
+    ran: list[FrozenTrial] = []
+
+    def optimize(n_trials: int) -> bool:
+        """Up to ``n_trials`` more trials; False once the study is full, out of time or stopped."""
+        left = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if left <= 0 or ctrl_c.requested or (timeout is not None and timeout <= 0):
+            return False  # optimize() would run one trial even when the study already has enough
+        # A candidate that fails (the evaluator reports its forward's error as an EvaluationError;
+        # the baseline ran fine on the same data) fails its own trial, and the search goes on.
+        study.optimize(ctrl_c, n_trials=min(n_trials, left), timeout=timeout,
                        callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks,
-                                  ctrl_c.stop_if_requested],
+                                  ctrl_c.stop_if_requested, lambda _study, trial: ran.append(trial)],
                        catch=(RuntimeError, FloatingPointError, EvaluationError),
                        show_progress_bar=show_progress_bar)
+        return not ctrl_c.requested
+
+    with _no_traceback_for_interrupts(), ctrl_c.handling():
+        if bisection is not None:
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            if not waiting or optimize(waiting):
+                _bisect(study, space, bisection, optimize, ran)
+        optimize(config.n_trials)
     if ctrl_c.requested:
         raise KeyboardInterrupt
+
+
+def _bisect(study: optuna.Study, space: SearchSpace, bisection: GreedyBisection,
+            optimize: Callable[[int], bool], ran: list[FrozenTrial]) -> None:
+    """Score the bisection's probes until it has its answer; resumed studies reuse their probes."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        label = str(trial.user_attrs.get("warm_start", ""))
+        if label.startswith(GREEDY):
+            bisection.observe(float(label.removeprefix(GREEDY)), space.allocation(trial.params), _feasible(trial))
+    while (probe := bisection.probe()) is not None:
+        fraction, allocation = probe
+        study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": f"{GREEDY}{fraction:.6g}"})
+        ran.clear()
+        if not optimize(1) or not ran:
+            return
+        bisection.observe(fraction, allocation, _feasible(ran[-1]))
+
+
+def _feasible(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.COMPLETE and trial.user_attrs.get("feasible") is True
 
 
 @contextmanager
@@ -334,10 +377,18 @@ def _metric_label(metric: Any) -> str:
 
 
 def _cost_fn(space: SearchSpace, costs: PlanCosts, objective: str) -> Callable[[str, Any], float]:
-    """Per-layer cost of a choice in the objective's unit, for the greedy warm start."""
+    """Per-layer cost of a choice in the objective's unit, for the greedy warm start.
+
+    ``PlanCosts`` prices whole models, so a layer's own cost is its dense cost plus the change the
+    choice makes to the whole model. (Whole-model costs summed over layers would count the rest of
+    the model once per layer, and every greedy fraction below about 1 would buy nothing.)
+    """
+    dense_model = costs({})[objective]
+
     def cost(name: str, choice: Any) -> float:
         decoded = space.layers[name].decode(choice)
-        return costs({name: decoded} if decoded else {})[objective]
+        change = costs({name: decoded})[objective] - dense_model if decoded else 0.0
+        return costs.dense_layer(name, objective) + change
     return cost
 
 

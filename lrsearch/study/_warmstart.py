@@ -3,7 +3,10 @@
 With whitened factors, ``σ_i²/Σσ²`` is component i's exact share of a layer's output energy,
 so spending a cost budget on the components with the most energy per unit of cost is a strong
 zero-evaluation allocation (algorithms.md §4). Energy thresholds and uniform fractions add
-the allocations a user would try by hand.
+the allocations a user would try by hand. Once those are scored, :class:`GreedyBisection`
+narrows the greedy family down to its cheapest allocation within the budget: the fixed
+fractions sample the cost axis too coarsely for a tight budget, and on a model with dozens of
+layers the sampler alone rarely finds that point.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import torch
 from lrsearch.core import DENSE, Decomposition
 from lrsearch.study._space import Choice, SearchSpace
 
-__all__ = ["energy_allocation", "greedy_allocation", "kept_energy", "uniform_allocation", "warm_starts"]
+__all__ = ["GreedyBisection", "energy_allocation", "greedy_allocation", "kept_energy", "uniform_allocation",
+           "warm_starts"]
+
+GREEDY = "greedy@"
 
 CostFn = Callable[[str, Choice], float]
 KeptEnergy = Mapping[str, Mapping[Choice, float]]
@@ -87,7 +93,7 @@ def warm_starts(decomposition: Decomposition, space: SearchSpace, cost: CostFn, 
                 uniform_fractions: Sequence[float] = (0.125, 0.25, 0.5)) -> list[tuple[str, dict[str, Choice]]]:
     """Labelled allocations, cheapest-first within each family, without duplicates."""
     kept = kept_energy(decomposition, space)
-    candidates = [(f"greedy@{f:g}", greedy_allocation(space, kept, cost, fraction=f))
+    candidates = [(f"{GREEDY}{f:g}", greedy_allocation(space, kept, cost, fraction=f))
                   for f in greedy_fractions]
     candidates += [(f"energy@{t:g}", energy_allocation(space, kept, threshold=t))
                    for t in energy_thresholds]
@@ -101,3 +107,34 @@ def warm_starts(decomposition: Decomposition, space: SearchSpace, cost: CostFn, 
             seen.add(key)
             unique.append((label, allocation))
     return unique
+
+
+class GreedyBisection:
+    """The smallest greedy cost fraction whose allocation meets the budget, found by bisection.
+
+    ``observe`` every scored greedy allocation (fixed warm starts and probes alike, also those a
+    resumed study already holds); ``probe`` then names the next fraction to score, or ``None``
+    once the bracket is narrower than ``resolution`` or its midpoint gives an allocation
+    already scored. Fraction 1 (everything dense) is taken to be feasible and 0 infeasible.
+    """
+
+    def __init__(self, space: SearchSpace, kept: KeptEnergy, cost: CostFn, *, resolution: float = 1 / 64) -> None:
+        self.space, self.kept, self.cost, self.resolution = space, kept, cost, resolution
+        self.low, self.high = 0.0, 1.0
+        self.scored: set[tuple[tuple[str, str], ...]] = set()
+
+    def observe(self, fraction: float, allocation: Mapping[str, Choice], feasible: bool) -> None:
+        self.scored.add(SearchSpace.key(allocation))
+        if feasible:
+            self.high = min(self.high, fraction)
+        else:
+            self.low = max(self.low, fraction)
+
+    def probe(self) -> tuple[float, dict[str, Choice]] | None:
+        if self.high - self.low < self.resolution or self.low >= self.high:
+            return None
+        fraction = (self.low + self.high) / 2
+        allocation = greedy_allocation(self.space, self.kept, self.cost, fraction=fraction)
+        if SearchSpace.key(allocation) in self.scored:
+            return None
+        return fraction, allocation

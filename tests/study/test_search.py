@@ -307,3 +307,63 @@ def test_a_study_with_enough_trials_runs_no_more(trained, tmp_path: Path) -> Non
     search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "n_trials": 4})
     again = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "n_trials": 4})
     assert len([t for t in _study(again).trials if t.state.is_finished()]) == 4
+
+
+def _greedy_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if str(t.user_attrs.get("warm_start", "")).startswith("greedy@")]
+
+
+def test_greedy_warm_starts_spend_their_fraction_of_the_cost(trained, tmp_path: Path) -> None:
+    """Each fraction buys a different allocation, dearer as the fraction grows (not all the cheapest)."""
+    model, val = trained
+    result = search(model, val, budget="1%", run_dir=str(tmp_path), warm_start=True, **{**FAST, "n_trials": 12})
+    fixed = {float(t.user_attrs["warm_start"].removeprefix("greedy@")): t
+             for t in _greedy_trials(_study(result)) if t.number < 10}
+    assert len(fixed) >= 3, "the fixed fractions must not collapse into one allocation"
+    macs = [fixed[f].user_attrs["macs"] for f in sorted(fixed)]
+    assert macs == sorted(macs) and len(set(macs)) == len(macs)
+    geometries = {name: result.decomposition.geometry(name) for name in result.space.layers}
+    searchable_dense = sum(lrsearch.dense_cost(g).macs for g in geometries.values())
+    cheapest = sum(lrsearch.factorized_cost(g, result.space.layers[n].choices[0]).macs for n, g in geometries.items())
+    for fraction, trial in fixed.items():  # within its fraction, unless even the cheapest allocation is not
+        spent = trial.user_attrs["macs"] - (result.dense["macs"] - searchable_dense)
+        assert spent <= max(fraction * searchable_dense, cheapest) + 1e-6
+
+
+FIXED_GREEDY = {f"greedy@{fraction:g}" for fraction in (0.2, 0.35, 0.5, 0.7)}
+
+
+def test_bisection_finds_the_cheapest_feasible_greedy_allocation(trained, tmp_path: Path) -> None:
+    model, val = trained
+    # Ranks in steps of 2 give the greedy family points between the fixed fractions to find.
+    result = search(model, val, budget="1%", run_dir=str(tmp_path), multiple=2, **{**FAST, "n_trials": 30})
+    study = _study(result)
+    greedy = _greedy_trials(study)
+    probes = [t for t in greedy if t.user_attrs["warm_start"] not in FIXED_GREEDY]
+    assert probes, "the bisection must probe between the fixed fractions"
+    # Probes run right after the fixed warm starts, before the sampler's own trials.
+    labelled = [t.number for t in study.trials if "warm_start" in t.user_attrs]
+    assert labelled == list(range(len(labelled))) and probes[0].number > max(
+        t.number for t in study.trials if t.user_attrs.get("warm_start") in FIXED_GREEDY)
+    fraction = {t.number: float(t.user_attrs["warm_start"].removeprefix("greedy@")) for t in greedy}
+    feasible = [fraction[t.number] for t in greedy if t.user_attrs.get("feasible")]
+    infeasible = [fraction[t.number] for t in greedy if not t.user_attrs.get("feasible")]
+    assert feasible and infeasible and max(infeasible) < min(feasible)  # bracketed the boundary
+    fixed_best = min(t.user_attrs["macs"] for t in greedy
+                     if t.user_attrs["warm_start"] in FIXED_GREEDY and t.user_attrs.get("feasible"))
+    found = min(t.user_attrs["macs"] for t in probes if t.user_attrs.get("feasible"))
+    assert found < fixed_best  # cheaper than any fixed fraction that met the budget
+    assert result.best is not None and result.best.macs <= found
+    assert len(study.trials) == 30
+
+
+def test_a_resumed_study_reuses_its_probes_and_other_workers_do_not_probe(trained, tmp_path: Path) -> None:
+    model, val = trained
+    first = search(model, val, budget="1%", run_dir=str(tmp_path), multiple=2, **{**FAST, "n_trials": 30})
+    labels = [t.user_attrs["warm_start"] for t in _greedy_trials(_study(first))]
+    assert set(labels) - FIXED_GREEDY
+    second = search(model, val, budget="1%", run_dir=str(tmp_path), multiple=2, **{**FAST, "n_trials": 34})
+    assert [t.user_attrs["warm_start"] for t in _greedy_trials(_study(second))] == labels
+    other = search(model, val, budget="1%", run_dir=str(tmp_path / "w1"), worker_index=1, multiple=2,
+                   **{**FAST, "n_trials": 20})
+    assert {t.user_attrs["warm_start"] for t in _greedy_trials(_study(other))} <= FIXED_GREEDY
