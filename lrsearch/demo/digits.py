@@ -7,15 +7,13 @@ config file name a trained model without a checkpoint. Needs ``pip install sciki
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch._errors import LrSearchError, format_problem
-from lrsearch.core import LowRankCheckpointMixin
+from lrsearch.demo.lightning import ClassifierSteps
 
 __all__ = ["DigitsClassifier", "DigitsDataModule", "load_digits_splits"]
 
@@ -39,7 +37,7 @@ def load_digits_splits(*, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.
     return {name: (x[index], y[index]) for name, index in parts.items()}
 
 
-class DigitsClassifier(LowRankCheckpointMixin, pl.LightningModule):
+class DigitsClassifier(ClassifierSteps):
     """An MLP ``64 -> hidden -> hidden -> 10`` for the digits (cross-entropy, Adam).
 
     Args:
@@ -79,20 +77,6 @@ class DigitsClassifier(LowRankCheckpointMixin, pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
 
-    def training_step(self, batch: Any, _index: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, _index: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
 class DigitsDataModule(pl.LightningDataModule):

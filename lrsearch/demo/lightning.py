@@ -26,10 +26,30 @@ from lrsearch.demo._mnist1d import (
 
 ARCHITECTURES = ("mlp", "cnn")
 
-__all__ = ["ARCHITECTURES", "Mnist1dClassifier", "Mnist1dDataModule", "pretrained_classifier"]
+__all__ = ["ARCHITECTURES", "ClassifierSteps", "Mnist1dClassifier", "Mnist1dDataModule", "pretrained_classifier"]
 
 
-class Mnist1dClassifier(LowRankCheckpointMixin, pl.LightningModule):
+class ClassifierSteps(LowRankCheckpointMixin, pl.LightningModule):
+    """Cross-entropy training, ``val_loss``/``val_acc`` logging and Adam at ``hparams.lr``: what every
+    demo classifier shares, so the demos differ only in their network and data."""
+
+    def training_step(self, batch: Any, _index: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, _index: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class Mnist1dClassifier(ClassifierSteps):
     """The demo MLP (or CNN) as a LightningModule (cross-entropy, Adam); compressed checkpoints reload.
 
     Args:
@@ -61,20 +81,6 @@ class Mnist1dClassifier(LowRankCheckpointMixin, pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: Any, _index: int) -> torch.Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: Any, _index: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
 class Mnist1dDataModule(pl.LightningDataModule):

@@ -13,7 +13,7 @@ from lrsearch.measure._latency import (
     time_call,
 )
 from lrsearch.measure._logged import LoggedMetric, LoggedMetricError
-from lrsearch.measure._uncertainty import paired_drop_interval
+from lrsearch.measure._uncertainty import paired_drop, paired_drop_interval
 
 __all__ = [
     "Budget",
@@ -27,6 +27,7 @@ __all__ = [
     "LoggedMetricError",
     "build_latency_table",
     "default_batch_fn",
+    "paired_drop",
     "paired_drop_interval",
     "parse_budget",
     "time_call",

@@ -16,7 +16,20 @@ import torch
 
 from lrsearch._errors import format_problem
 
-__all__ = ["paired_drop_interval"]
+__all__ = ["paired_drop", "paired_drop_interval"]
+
+
+def paired_drop(base_correct: torch.Tensor, candidate_correct: torch.Tensor) -> tuple[float, float]:
+    """``(mean, standard error)`` of the accuracy drop from per-sample hits of the same samples."""
+    if base_correct.shape != candidate_correct.shape or base_correct.dim() != 1 or base_correct.numel() == 0:
+        raise ValueError(format_problem(
+            "The paired drop needs two hit vectors of one split",
+            given=f"shapes {tuple(base_correct.shape)} and {tuple(candidate_correct.shape)}",
+            expected="two non-empty 1-D tensors of the same length"))
+    diff = base_correct.double() - candidate_correct.double()
+    n = diff.numel()
+    spread = float(diff.std(unbiased=True)) if n > 1 else 0.0
+    return float(diff.mean()), spread / math.sqrt(n)
 
 
 def paired_drop_interval(base_correct: torch.Tensor, candidate_correct: torch.Tensor, *,
@@ -25,16 +38,8 @@ def paired_drop_interval(base_correct: torch.Tensor, candidate_correct: torch.Te
 
     Both vectors hold one bool per sample of the same split, in the same order.
     """
-    if base_correct.shape != candidate_correct.shape or base_correct.dim() != 1 or base_correct.numel() == 0:
-        raise ValueError(format_problem(
-            "The paired drop needs two hit vectors of one split",
-            given=f"shapes {tuple(base_correct.shape)} and {tuple(candidate_correct.shape)}",
-            expected="two non-empty 1-D tensors of the same length"))
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1) but got {confidence!r}.")
-    diff = base_correct.double() - candidate_correct.double()
-    n = diff.numel()
-    mean = float(diff.mean())
-    spread = float(diff.std(unbiased=True)) if n > 1 else 0.0
-    half = NormalDist().inv_cdf(0.5 + confidence / 2) * spread / math.sqrt(n)
+    mean, error = paired_drop(base_correct, candidate_correct)
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * error
     return mean - half, mean + half

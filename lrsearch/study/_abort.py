@@ -6,9 +6,9 @@ is an average of per-sample differences ``d_i = base_correct_i − cand_correct_
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from lrsearch.measure import paired_drop
 
 __all__ = ["drop_is_hopeless"]
 
@@ -35,6 +35,5 @@ def drop_is_hopeless(base_correct: torch.Tensor, seen_correct: torch.Tensor, all
         return True
     if seen < min_samples or seen == total:
         return False
-    mean = float(diff.mean())
-    spread = float(diff.std(unbiased=True)) if seen > 1 else 0.0
-    return mean - z * spread / math.sqrt(seen) > allowed_drop
+    mean, error = paired_drop(base_correct[:seen], seen_correct)
+    return mean - z * error > allowed_drop

@@ -32,7 +32,7 @@ def sqlite_url(path: str | os.PathLike[str]) -> str:
 
 def is_file_storage(url: str) -> bool:
     """A journal or SQLite file on this machine: opening it writes the file, and it cannot be unreachable."""
-    return url.startswith(("journal:", "sqlite:")) or url.endswith(JOURNAL_SUFFIXES)
+    return url.startswith("sqlite:") or _journal_path(url) is not None
 
 
 def check_file_storage(url: str) -> None:
@@ -58,11 +58,19 @@ def check_file_storage(url: str) -> None:
 
 
 def _file_of(url: str) -> Path | None:
-    if url.startswith("journal:") or url.endswith(JOURNAL_SUFFIXES):
-        return Path(url.removeprefix("journal:")).absolute()
+    journal = _journal_path(url)
+    if journal is not None:
+        return journal.absolute()
     if url.startswith("sqlite:///"):
         name = url.removeprefix("sqlite:///").split("?")[0]
         return Path(name).absolute() if name and name != ":memory:" else None
+    return None
+
+
+def _journal_path(url: str) -> Path | None:
+    """The file of a journal storage (``journal:PATH`` or a ``.log``/``.journal``/``.jsonl`` path)."""
+    if url.startswith("journal:") or url.endswith(JOURNAL_SUFFIXES):
+        return Path(url.removeprefix("journal:"))
     return None
 
 
@@ -82,8 +90,8 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
     RDB storages get heartbeats, so a trial left RUNNING by a killed worker is failed and
     retried once by the next worker that asks for a trial.
     """
-    if url.startswith("journal:") or url.endswith(JOURNAL_SUFFIXES):
-        path = Path(url.removeprefix("journal:"))
+    path = _journal_path(url)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:

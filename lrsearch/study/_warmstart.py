@@ -131,7 +131,7 @@ class GreedyBisection:
             self.low = max(self.low, fraction)
 
     def probe(self) -> tuple[float, dict[str, Choice]] | None:
-        if self.high - self.low < self.resolution or self.low >= self.high:
+        if self.high - self.low < self.resolution:  # also when the observations cross
             return None
         fraction = (self.low + self.high) / 2
         allocation = greedy_allocation(self.space, self.kept, self.cost, fraction=fraction)
