@@ -157,16 +157,16 @@ def _job_parser(name: str, help_text: str) -> Any:
     parser.add_argument("--budget", type=_budget, default="0.5%",
                         help="allowed drop of the metric on the verification split after fine-tuning: "
                              "0.5%% (half a point) or 0.005 (default: 0.5%%)")
-    parser.add_argument("--search_budget", type=_optional_budget, default=None,
-                        help="constraint of the search, before fine-tuning (default: --budget); a looser one "
-                             "proposes smaller models that fine-tuning may bring back within --budget")
+    parser.add_argument("--search_budget", type=_optional_budget, default="auto",
+                        help="constraint of the search, before fine-tuning (default: auto, a widened --budget "
+                             "whose front the selection bisects with fine-tunes)")
     parser.add_argument("--run_dir", type=str, default=DEFAULT_RUN_DIR,
                         help=f"output folder; the same folder resumes its study (default: {DEFAULT_RUN_DIR})")
-    parser.add_argument("--max_candidates", type=_positive, default=3,
-                        help="configurations fine-tuned at most, cheapest first, until one holds (default: 3)")
-    parser.add_argument("--verify_fraction", type=float, default=0.3,
-                        help="share of validation batches held out for verification when the data has no "
-                             "test split (default: 0.3)")
+    parser.add_argument("--max_finetunes", type=_positive, default=6,
+                        help="candidates of the search's front fine-tuned at most while bisecting (default: 6)")
+    parser.add_argument("--select_fraction", type=float, default=0.5,
+                        help="share of validation batches held out from the search to accept or reject "
+                             "fine-tuned candidates (default: 0.5)")
     parser.add_argument("--monitor", type=Optional[str], default=None,
                         help="score with a value the model logs in validation_step, e.g. val_acc "
                              "(default: top-1 accuracy of model(inputs)); for a loss add "
@@ -276,9 +276,10 @@ def _budget(value: Any) -> str:
     return str(value)
 
 
-def _optional_budget(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none")):
-        return None
+def _optional_budget(value: Any) -> str:
+    """A budget, or "auto" (also for null/none: the search constraint is then derived from --budget)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null", "none", "auto")):
+        return "auto"
     return _budget(value)
 
 
@@ -461,9 +462,11 @@ class _Job:
         self.command, self.args = command, args
         _quiet_lightning()
         self.budget = lrsearch.parse_budget(args.budget)
-        self.search_budget = None if args.search_budget is None else lrsearch.parse_budget(args.search_budget)
-        if not 0.0 < args.verify_fraction < 1.0:
-            raise UsageError(f"verify_fraction must lie in (0, 1) but got {args.verify_fraction!r}.")
+        from lrsearch.pipeline._compress import search_constraint
+
+        self.search_budget = search_constraint(self.budget, args.search_budget)
+        if not 0.0 < args.select_fraction < 1.0:
+            raise UsageError(f"select_fraction must lie in (0, 1) but got {args.select_fraction!r}.")
         self.search_config = _config(SearchConfig, "search", dict(vars(args.search)))
         self.finetune_config = _config(FinetuneConfig, "finetune", dict(vars(args.finetune)))
         storage = self.search_config.storage
@@ -515,8 +518,8 @@ class _Job:
         """What compress and search_worker both take."""
         args = self.args
         return {"budget": str(self.budget), "run_dir": args.run_dir, "datamodule": self.datamodule,
-                "search_budget": None if self.search_budget is None else str(self.search_budget),
-                "search_config": self.search_config, "verify_fraction": args.verify_fraction,
+                "search_budget": str(self.search_budget),
+                "search_config": self.search_config, "select_fraction": args.select_fraction,
                 "monitor": args.monitor,
                 "target_modules": args.target_modules, "exclude_modules": args.exclude_modules,
                 "show_progress_bar": True}
@@ -631,15 +634,15 @@ def _compress(job: _Job, *, resumed: int | None) -> int:
               f"{_threads(search.threads)})")
     print(f"{PROG} {job.command}: {job.description}")
     print(f"  budget      {job.budget} drop of accuracy on unseen data after fine-tuning"
-          + (f" (search constraint {job.search_budget})" if job.search_budget else ""))
+          + f" (search constraint before fine-tuning {job.search_budget})")
     print(f"  search      {trials}")
-    print(f"  fine-tune   up to {args.max_candidates} candidates, {finetune.epochs} epoch(s) each"
+    print(f"  fine-tune   up to {args.max_finetunes} candidates of the front, {finetune.epochs} epoch(s) each"
           + (", distilled from the original" if finetune.distill else ""))
     print(f"  run folder  {run_dir}")
     print(f"  study       {_redacted(storage)} (study {search.study_name!r}; "
           f"view: {PROG} dashboard {run_dir})\n", flush=True)
     started = time.perf_counter()
-    result = lrsearch.compress(job.module, **job.keyword_arguments(), max_candidates=args.max_candidates,
+    result = lrsearch.compress(job.module, **job.keyword_arguments(), max_finetunes=args.max_finetunes,
                                finetune_config=finetune)
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(_summary(result.report, {name: str(path) for name, path in result.paths.items()}, run_dir))
@@ -680,7 +683,8 @@ def _summary(report: Mapping[str, Any], paths: Mapping[str, str], run_dir: Path)
     dense, final = report.get("dense", {}), report.get("final")
     splits = report.get("splits", {})
     metric = report.get("metric", "accuracy")
-    verify, searched = splits.get("verify", "verify"), splits.get("search", "search")
+    verify, selected, searched = (splits.get("test", "test"), splits.get("select", "select"),
+                                  splits.get("search", "search"))
     threads, batch = report.get("threads"), report.get("batch_size")
     latency_label = f"latency (batch {batch}{_threads(threads)}, measured)"
     final = final or {}
@@ -696,7 +700,8 @@ def _summary(report: Mapping[str, Any], paths: Mapping[str, str], run_dir: Path)
          f"drop {100 * final['verify_drop']:.2f} points{_interval_text(final.get('verify_drop_interval'))} "
          f"(allowed {100 * report['allowed_drop']:.2f})"
          if final else f"allowed drop {100 * report['allowed_drop']:.2f} points"),
-        (f"{metric} on {searched}", _percent(dense.get("search_metric")), _percent(final.get("search_metric")), ""),
+        (f"{metric} on {selected}", _percent(dense.get("select_metric")), _percent(final.get("select_metric")),
+         f"drop {100 * final['select_drop']:.2f} points" if final else ""),
         ("parameters", _count(dense.get("params")), _count(final.get("params")), ratio("params", "fewer")),
         ("MACs per sample", _count(dense.get("macs")), _count(final.get("macs")), ratio("macs", "fewer")),
         (latency_label, f"{dense['latency_ms']:.3f} ms" if dense.get("latency_ms") else "-",
@@ -718,9 +723,11 @@ def _summary(report: Mapping[str, Any], paths: Mapping[str, str], run_dir: Path)
     if attempts and not report.get("meets_budget"):
         lines.append("")
         lines.append("  tried after fine-tuning: " + "; ".join(
-            f"trial {a['trial']} drop {100 * a['verify_drop']:.2f} points" for a in attempts))
+            f"trial {a['trial']} drop {100 * a['select_drop']:.2f} points" for a in attempts))
         lines.append("  HINT: widen --budget, search more (--search.n_trials), fine-tune longer "
-                     "(--finetune.epochs), or set a looser --search_budget.")
+                     "(--finetune.epochs), or allow more fine-tunes (--max_finetunes).")
+    for warning in report.get("warnings", []):
+        lines.extend(["", f"  WARNING: {warning}"])
     lines.append("")
     lines.append("Files")
     labels = {"model": "compressed model (lrsearch.load)", "checkpoint": "checkpoint (Model.load_from_checkpoint)",

@@ -4,6 +4,7 @@ Depends on torch, torchmetrics and ``lrsearch.core``; never imports Optuna or Li
 """
 
 from lrsearch.measure._budget import Budget, parse_budget
+from lrsearch.measure._compare import LatencyComparison, compare_latency
 from lrsearch.measure._evaluate import Evaluation, EvaluationError, Evaluator, default_batch_fn
 from lrsearch.measure._latency import (
     LatencyTable,
@@ -20,12 +21,14 @@ __all__ = [
     "Evaluation",
     "EvaluationError",
     "Evaluator",
+    "LatencyComparison",
     "LatencyTable",
     "LatencyTableError",
     "LayerLatency",
     "LoggedMetric",
     "LoggedMetricError",
     "build_latency_table",
+    "compare_latency",
     "default_batch_fn",
     "paired_drop",
     "paired_drop_interval",

@@ -24,9 +24,10 @@ from lrsearch.core import apply_recipe, get_recipe
 from lrsearch.core._runtime import ForwardFn
 from lrsearch.core._targets import Patterns
 from lrsearch.measure import parse_budget
-from lrsearch.pipeline._compress import CompressionResult, compress
+from lrsearch.pipeline._compress import AUTO, CompressionResult, compress, search_constraint
 from lrsearch.pipeline._finetune import FinetuneConfig
 from lrsearch.pipeline._metric import resolve_metric
+from lrsearch.pipeline._select import Bisection
 from lrsearch.study import SearchConfig
 
 __all__ = ["RankSearch", "RankSearchLogic"]
@@ -50,25 +51,23 @@ class RankSearchLogic:
     """Everything of the callback except its Lightning base class (see :class:`RankSearch`)."""
 
     def __init__(self, budget: str | float = "0.5%", *, run_dir: str | Path | None = None,
-                 search_budget: str | float | None = None,
+                 search_budget: str | float | None = AUTO,
                  search: SearchConfig | Mapping[str, Any] | None = None,
-                 finetune: FinetuneConfig | Mapping[str, Any] | None = None, max_candidates: int = 3,
-                 verify_fraction: float = 0.3, metric: Any = None, monitor: str | None = None,
+                 finetune: FinetuneConfig | Mapping[str, Any] | None = None, max_finetunes: int = 6,
+                 select_fraction: float = 0.5, max_samples: int | None = 20_000, metric: Any = None, monitor: str | None = None,
                  metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None, target_modules: Patterns = None,
                  exclude_modules: Patterns = None, conv_scheme: str | Mapping[str, str] = "channel",
                  swap: bool = False) -> None:
         super().__init__()
         self.search_config: SearchConfig = _config(search, SearchConfig, "search")
         self.budget = parse_budget(budget, relative=self.search_config.relative_budget)
-        self.search_budget = None if search_budget is None else parse_budget(
-            search_budget, relative=self.search_config.relative_budget)
+        self.search_budget = search_constraint(self.budget, search_budget)
         self.finetune_config: FinetuneConfig = _config(finetune, FinetuneConfig, "finetune")
-        if isinstance(max_candidates, bool) or not isinstance(max_candidates, int) or max_candidates < 1:
-            raise ValueError(f"max_candidates must be an integer of at least 1 but got {max_candidates!r}.")
-        if not 0.0 < verify_fraction < 1.0:
-            raise ValueError(f"verify_fraction must lie in (0, 1) but got {verify_fraction!r}.")
+        Bisection([], max_finetunes)  # checks max_finetunes
+        if not 0.0 < select_fraction < 1.0:
+            raise ValueError(f"select_fraction must lie in (0, 1) but got {select_fraction!r}.")
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.max_candidates, self.verify_fraction = max_candidates, verify_fraction
+        self.max_finetunes, self.select_fraction, self.max_samples = max_finetunes, select_fraction, max_samples
         if monitor is not None:
             resolve_metric(metric=metric, monitor=monitor, metric_name=metric_name)  # fail in __init__
         self.metric, self.monitor, self.metric_name = metric, monitor, metric_name
@@ -91,10 +90,11 @@ class RankSearchLogic:
         if datamodule is None:
             loaders = {"train_dataloaders": trainer.train_dataloader, "val_dataloaders": trainer.val_dataloaders}
         self.result = compress(
-            pl_module, budget=self.budget.drop, run_dir=run_dir, datamodule=datamodule,
-            search_budget=None if self.search_budget is None else self.search_budget.drop,
+            pl_module, budget=self.budget, run_dir=run_dir, datamodule=datamodule,
+            search_budget=self.search_budget,
             search_config=self.search_config, finetune_config=self.finetune_config,
-            max_candidates=self.max_candidates, verify_fraction=self.verify_fraction, metric=self.metric,
+            max_finetunes=self.max_finetunes, select_fraction=self.select_fraction, max_samples=self.max_samples,
+            metric=self.metric,
             monitor=self.monitor, metric_name=self.metric_name, batch_fn=self.batch_fn, forward=self.forward,
             target_modules=self.target_modules, exclude_modules=self.exclude_modules,
             conv_scheme=self.conv_scheme, **loaders)

@@ -28,6 +28,7 @@ from lrsearch._errors import LrSearchError, format_problem
 from lrsearch.core._runtime import ForwardFn
 from lrsearch.core._targets import Patterns
 from lrsearch.measure import parse_budget
+from lrsearch.pipeline._compress import AUTO, search_constraint
 from lrsearch.pipeline._data import calibration_batches, resolve_data
 from lrsearch.pipeline._metric import resolve_metric
 from lrsearch.study import SearchConfig, SearchResult, search
@@ -40,9 +41,10 @@ _logger = logging.getLogger("lrsearch")
 
 
 def search_worker(module: nn.Module, *, budget: str | float, run_dir: str | Path,
-                  search_budget: str | float | None = None, datamodule: Any = None,
+                  search_budget: str | float | None = AUTO, datamodule: Any = None,
                   train_dataloaders: Any = None, val_dataloaders: Any = None, test_dataloaders: Any = None,
-                  search_config: SearchConfig | None = None, verify_fraction: float = 0.3, metric: Any = None,
+                  search_config: SearchConfig | None = None, select_fraction: float = 0.5,
+                  max_samples: int | None = 20_000, metric: Any = None,
                   monitor: str | None = None, metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None,
                   target_modules: Patterns = None, exclude_modules: Patterns = None,
                   conv_scheme: str | Mapping[str, str] = "channel",
@@ -56,13 +58,12 @@ def search_worker(module: nn.Module, *, budget: str | float, run_dir: str | Path
     ``run_dir / "search"``, as ``compress`` does.
     """
     relative = (search_config or SearchConfig()).relative_budget
-    parse_budget(budget, relative=relative)
-    searched = parse_budget(search_budget if search_budget is not None else budget, relative=relative)
+    searched = search_constraint(parse_budget(budget, relative=relative), search_budget)
     data = resolve_data(datamodule=datamodule, train_dataloaders=train_dataloaders,
                         val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders,
-                        verify_fraction=verify_fraction)
+                        select_fraction=select_fraction, max_samples=max_samples)
     metric, metric_name = resolve_metric(metric=metric, monitor=monitor, metric_name=metric_name)
-    config = replace(search_config or SearchConfig(), budget=searched.drop, run_dir=str(Path(run_dir) / "search"))
+    config = replace(search_config or SearchConfig(), budget=searched, run_dir=str(Path(run_dir) / "search"))
     if config.worker_index > 0 and config.objective == "latency":
         _wait_for_latency_table(config, wait_seconds)
     return search(module, data.search, config, calibration=calibration_batches(data.train, data.search),

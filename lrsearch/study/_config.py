@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lrsearch.core._decomposition import METHODS
-from lrsearch.measure import parse_budget
+from lrsearch.measure import Budget, parse_budget
 from lrsearch.study._objective import OBJECTIVES
 
 __all__ = ["SAMPLERS", "SearchConfig"]
@@ -45,7 +45,7 @@ class SearchConfig:
         latency_min_run_time, latency_repeats: measurement effort per table entry.
     """
 
-    budget: str | float = "0.5%"
+    budget: str | float | Budget = "0.5%"
     relative_budget: bool = False
     objective: str = "latency"
     two_objectives: bool = False

@@ -213,9 +213,9 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
     """The exit status follows CompressionResult.meets_budget; the summary says what was tried."""
     report = {"budget": "0.5%", "allowed_drop": 0.005, "metric": "accuracy", "meets_budget": False,
               "message": "No configuration met the budget 0.5% on test after fine-tuning (1 tried).",
-              "threads": 1, "batch_size": 256, "splits": {"search": "validation", "verify": "test"},
+              "threads": 1, "batch_size": 256, "splits": {"search": "validation", "select": "validation (held out)", "test": "test"},
               "dense": {"params": 10, "macs": 10.0, "latency_ms": 1.0, "search_metric": 0.9, "verify_metric": 0.9},
-              "attempts": [{"trial": 3, "verify_drop": 0.02}], "paths": {"study": "sqlite:///x.db"}}
+              "attempts": [{"trial": 3, "select_drop": 0.02}], "paths": {"study": "sqlite:///x.db"}}
     calls: dict[str, Any] = {}
 
     def fake_compress(module, **kwargs):
@@ -224,12 +224,12 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
                                           paths={"report": tmp_path / "report.json"}, search=None)
 
     monkeypatch.setattr(lrsearch, "compress", fake_compress)
-    status = cli.main(["tune", "--run_dir", str(tmp_path / "run"), "--search_budget", "2%", "--max_candidates", "2",
+    status = cli.main(["tune", "--run_dir", str(tmp_path / "run"), "--search_budget", "2%", "--max_finetunes", "2",
                        "--search.objective", "macs", "--finetune.distill", "false"])
     out = capsys.readouterr().out
     assert status == 1
     assert "DOES NOT MEET THE BUDGET 0.5%" in out and "trial 3 drop 2.00 points" in out and "HINT" in out
-    assert calls["search_budget"] == "2%" and calls["max_candidates"] == 2 and calls["budget"] == "0.5%"
+    assert calls["search_budget"] == "2%" and calls["max_finetunes"] == 2 and calls["budget"] == "0.5%"
     assert calls["search_config"].objective == "macs" and calls["search_config"].threads == 1
     assert calls["finetune_config"].distill is False and calls["finetune_config"].epochs == 2
 

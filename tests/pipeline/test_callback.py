@@ -111,7 +111,7 @@ def test_callback_compresses_saves_and_reloads(tmp_path: Path) -> None:
     report = json.loads((run / "report.json").read_text())
     test_batches = _loader_batches(Data().test_dataloader())
     assert report["meets_budget"] is True
-    assert report["splits"]["verify"] == "test"
+    assert report["splits"]["test"] == "test" and "selection" in report["splits"]["select"]
     assert report["final"]["verify_metric"] == pytest.approx(Evaluator(test_batches).evaluate(compressed).value)
     assert report["dense"]["verify_metric"] == pytest.approx(Evaluator(test_batches).evaluate(module).value)
     assert report["final"]["params"] == lrsearch.count_params(compressed)
@@ -122,7 +122,9 @@ def test_callback_compresses_saves_and_reloads(tmp_path: Path) -> None:
     low, high = report["final"]["verify_drop_interval"]
     assert [low, high] == pytest.approx(list(paired_drop_interval(base.correct, tuned.correct)))
     assert low <= report["final"]["verify_drop"] <= high and low < high
-    assert report["attempts"][-1]["verify_drop_interval"] == [low, high]
+    # The attempts were judged on the selection split, not on the test split.
+    assert report["attempts"][-1]["select_drop_interval"] != [low, high]
+    assert report["final"]["select_drop"] == report["attempts"][-1]["select_drop"]
     assert f"{low * 100:.2f} to {high * 100:.2f} pts" in (run / "report.html").read_text()
 
 
@@ -143,32 +145,35 @@ def _breaking_finetune(*, first_only: bool):
     return fake, calls
 
 
-def test_falls_back_to_the_next_candidate(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_candidate_moves_the_bisection_dearer(tmp_path: Path, monkeypatch) -> None:
     fake, calls = _breaking_finetune(first_only=True)
     monkeypatch.setattr(_compress, "finetune", fake)
-    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_candidates=3,
+    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_finetunes=3,
                                    search={**FAST["search"], "n_trials": 12}, finetune=FAST["finetune"])
     _fit(tmp_path, callback, datamodule=Data())
     result = callback.result
-    assert len(result.search.pareto) >= 2, "the tiny search must leave two candidates to fall back on"
+    front = [c.trial for c in result.search.pareto]
+    assert len(front) >= 2, "the tiny search must leave two candidates to fall back on"
     attempts = result.report["attempts"]
-    assert [a["meets_budget"] for a in attempts] == [False, True]
-    assert [a["trial"] for a in attempts] == [c.trial for c in result.search.pareto[:2]]
-    assert result.meets_budget and result.candidate.trial == result.search.pareto[1].trial
+    assert attempts[0]["meets_budget"] is False and attempts[0]["trial"] == front[(len(front) - 1) // 2]
+    assert front.index(attempts[1]["trial"]) > front.index(attempts[0]["trial"])
+    assert result.meets_budget and result.candidate.trial in [a["trial"] for a in attempts if a["meets_budget"]]
 
 
 def test_none_holds_is_reported_plainly(tmp_path: Path, monkeypatch) -> None:
     fake, calls = _breaking_finetune(first_only=False)
     monkeypatch.setattr(_compress, "finetune", fake)
-    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", max_candidates=2, **FAST)
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", max_finetunes=2, **FAST)
     _fit(tmp_path, callback, datamodule=Data())
     result = callback.result
     assert result.meets_budget is False and result.model is None
     assert len(calls) == min(2, len(result.search.pareto))
+    assert result.report["attempts"][-1]["trial"] == result.search.pareto[-1].trial  # the dearest, last
     assert not (tmp_path / "lrs" / "model").exists() and not (tmp_path / "lrs" / "compressed.ckpt").exists()
     report = json.loads((tmp_path / "lrs" / "report.json").read_text())
     assert report["meets_budget"] is False and "final" not in report
     assert "No configuration met the budget" in report["message"]
+    assert "test split was not looked at" in report["message"]
 
 
 def test_swap_puts_the_compressed_layers_into_the_module(tmp_path: Path) -> None:
@@ -185,7 +190,8 @@ def test_plain_dataloaders_without_test_split_hold_out_validation(tmp_path: Path
     with pytest.warns(UserWarning, match="no test split"):
         _fit(tmp_path, callback, train_dataloaders=Data().train_dataloader(),
              val_dataloaders=Data().val_dataloader())
-    assert "held out" in callback.result.report["splits"]["verify"]
+    splits = callback.result.report["splits"]
+    assert "held out" in splits["test"] and "selection" in splits["select"] and "search" in splits["search"]
 
 
 def test_missing_validation_data_is_a_clear_error(tmp_path: Path) -> None:
@@ -208,8 +214,8 @@ def test_runs_only_on_global_rank_zero(tmp_path: Path) -> None:
     ({"budget": "100%"}, lrsearch.BudgetError, "100"),
     ({"search": {"n_trails": 3}}, TypeError, "n_trails"),
     ({"finetune": {"epoch": 1}}, TypeError, "epoch"),
-    ({"max_candidates": 0}, ValueError, "max_candidates"),
-    ({"verify_fraction": 1.0}, ValueError, "verify_fraction"),
+    ({"max_finetunes": 0}, ValueError, "max_finetunes"),
+    ({"select_fraction": 1.0}, ValueError, "select_fraction"),
     ({"search": "fast"}, TypeError, "search"),
 ], ids=["budget-abc", "budget-100", "search-typo", "finetune-typo", "candidates-0", "fraction-1", "search-str"])
 def test_arguments_are_validated_in_init(kwargs, error, match) -> None:
@@ -252,10 +258,33 @@ def test_lightning_namespace_callback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("interval", "warned"), [([0.001, 0.009], True), ([-0.004, 0.004], False),
                                                   ([0.006, 0.02], False), (None, False)])
-def test_a_verify_split_too_small_to_decide_is_flagged(interval, warned, caplog) -> None:
-    with caplog.at_level("WARNING", logger="lrsearch"):
-        _compress._warn_if_undecided(7, interval, 0.005, "test")
-    messages = [record.getMessage() for record in caplog.records]
-    assert bool(messages) == warned
+def test_a_test_split_too_small_to_decide_is_flagged(interval, warned) -> None:
+    message = _compress._undecided_warning(interval, 0.005, "test")
+    assert (message is not None) == warned
     if warned:
-        assert "trial 7" in messages[0] and "0.10 to 0.90 points" in messages[0] and "allowed 0.50" in messages[0]
+        assert "0.10 to 0.90 points" in message and "allowed 0.50 points" in message
+        assert message.endswith("A larger test split would narrow the interval.")
+
+
+def test_the_test_split_is_scored_once_per_reported_model(tmp_path: Path, monkeypatch) -> None:
+    """Selection happens on the selection split; the test split sees the original and the final model once."""
+    scored: list[tuple[str, int]] = []
+    test_inputs = _loader_batches(Data().test_dataloader())[0][0]
+
+    class Counting(Evaluator):
+        def evaluate(self, model):
+            first = self._batches[0][0] if isinstance(self._batches[0], (list, tuple)) else None
+            role = "test" if first is not None and torch.equal(first, test_inputs) else "other"
+            scored.append((role, len(scored)))
+            return super().evaluate(model)
+
+    monkeypatch.setattr(_compress, "Evaluator", Counting)
+    callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", max_finetunes=3, **FAST)
+    _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    finetunes = len(result.report["attempts"])
+    assert finetunes >= 1
+    roles = [role for role, _ in scored]
+    assert roles.count("test") == 2
+    # Both test scorings come after every selection scoring (the baseline and one per fine-tune).
+    assert roles == ["other"] * (1 + finetunes) + ["test", "test"]

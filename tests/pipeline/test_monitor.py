@@ -110,7 +110,7 @@ def test_a_logged_loss_counts_an_increase_as_the_drop(tmp_path: Path) -> None:
     base = _validate(tmp_path, module, "val_loss")
     assert report["dense"]["verify_metric"] == pytest.approx(base, rel=1e-5)
     for attempt in report["attempts"]:
-        assert attempt["verify_drop"] <= report["allowed_drop"] or not attempt["meets_budget"]
+        assert attempt["select_drop"] <= report["allowed_drop"] or not attempt["meets_budget"]
     if result.meets_budget:
         tuned = _validate(tmp_path, result.model, "val_loss")
         assert report["final"]["verify_drop"] == pytest.approx(tuned - base, abs=1e-5)
