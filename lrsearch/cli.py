@@ -204,8 +204,8 @@ def _job_parser(name: str, help_text: str) -> Any:
                         help="seconds of timing per latency-table entry and repeat (default: 0.05)")
     parser.add_argument("--search.latency_repeats", type=_positive, default=5,
                         help="timing repeats per latency-table entry; the minimum counts (default: 5)")
-    parser.add_argument("--finetune.epochs", type=_positive, default=2,
-                        help="fine-tuning epochs per candidate (default: 2)")
+    parser.add_argument("--finetune.epochs", type=_optional_positive, default=None,
+                        help="fine-tuning epochs per candidate (default: from the training set's size, 1 to 10)")
     parser.add_argument("--finetune.max_steps", type=int, default=-1,
                         help="stop fine-tuning after this many steps; -1: no cap (default: -1)")
     parser.add_argument("--finetune.lr_scale", type=float, default=0.1,
@@ -636,7 +636,8 @@ def _compress(job: _Job, *, resumed: int | None) -> int:
     print(f"  budget      {job.budget} drop of accuracy on unseen data after fine-tuning"
           + f" (search constraint before fine-tuning {job.search_budget})")
     print(f"  search      {trials}")
-    print(f"  fine-tune   up to {args.max_finetunes} candidates of the front, {finetune.epochs} epoch(s) each"
+    epochs = "epochs from the training set's size" if finetune.epochs is None else f"{finetune.epochs} epoch(s)"
+    print(f"  fine-tune   up to {args.max_finetunes} candidates of the front, {epochs} each"
           + (", distilled from the original" if finetune.distill else ""))
     print(f"  run folder  {run_dir}")
     print(f"  study       {_redacted(storage)} (study {search.study_name!r}; "
@@ -683,8 +684,7 @@ def _summary(report: Mapping[str, Any], paths: Mapping[str, str], run_dir: Path)
     dense, final = report.get("dense", {}), report.get("final")
     splits = report.get("splits", {})
     metric = report.get("metric", "accuracy")
-    verify, selected, searched = (splits.get("test", "test"), splits.get("select", "select"),
-                                  splits.get("search", "search"))
+    verify, selected = splits.get("test", "test"), splits.get("select", "select")
     threads, batch = report.get("threads"), report.get("batch_size")
     latency_label = f"latency (batch {batch}{_threads(threads)}, measured)"
     final = final or {}
@@ -708,6 +708,12 @@ def _summary(report: Mapping[str, Any], paths: Mapping[str, str], run_dir: Path)
          f"{final['latency_ms']:.3f} ms" if final.get("latency_ms") else "-",
          f"{final['speedup']:.2f}x faster" if final.get("speedup") else ""),
     ]
+    for entry in report.get("deployment", [])[1:]:
+        predicted = entry.get("predicted_speedup")
+        rows.append((f"latency (batch {entry['batch_size']}{_threads(threads)}, measured)",
+                     f"{entry['dense_ms']:.3f} ms", f"{entry['compressed_ms']:.3f} ms",
+                     f"{entry['speedup']:.2f}x faster"
+                     + (f" (predicted {predicted:.2f}x)" if predicted else "")))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [("MEETS THE BUDGET" if report.get("meets_budget") else "DOES NOT MEET THE BUDGET")
              + f" {report.get('budget')}: {report.get('message', '')}", ""]

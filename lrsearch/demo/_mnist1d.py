@@ -8,6 +8,7 @@ no Optuna, no Lightning. Generated data and the pretrained MLP are cached on dis
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import warnings
@@ -27,10 +28,14 @@ from lrsearch.core._runtime import model_device
 from lrsearch.measure import Evaluator
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
+_logger = logging.getLogger("lrsearch")
 
 _CACHE_ENV_VAR = "LRSEARCH_CACHE_DIR"
 # Part of every cache file name; bump when generation, splitting or training changes.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
+# 50,000 samples: 32,000 train / 8,000 validation / 10,000 test, so that a 0.5-point budget
+# on the test split is well above its noise, and the MLP reaches about 90 % test accuracy.
+DEMO_SAMPLES = 50_000
 _VAL_FRACTION = 0.2
 _SIGNAL_LENGTH = 40
 _NUM_CLASSES = 10
@@ -57,14 +62,14 @@ class Mnist1dSplits:
 
 
 def load_mnist1d(
-    *, seed: int = 0, num_samples: int = 10_000, cache_dir: Path | None = None
+    *, seed: int = 0, num_samples: int = DEMO_SAMPLES, cache_dir: Path | None = None
 ) -> Mnist1dSplits:
     """Generate (or load from the cache) an MNIST-1D data set and split it.
 
     mnist1d generates the signals locally; nothing is downloaded. It keeps 80 % of ``num_samples``
     for training and 20 % for test; the training part is split again 80/20 into train and
-    validation with a permutation seeded by ``seed``. With the default ``num_samples=10_000`` the
-    splits hold 6400/1600/2000 samples.
+    validation with a permutation seeded by ``seed``. With the default ``num_samples=50_000`` the
+    splits hold 32,000/8,000/10,000 samples (about 20 s to generate, once).
 
     Args:
         seed: Seed for generation and for the train/validation split.
@@ -178,6 +183,7 @@ def train_classifier(
     batch_size: int = 128,
     seed: int = 0,
     weight_decay: float = 0.0,
+    progress: bool = False,
 ) -> float:
     """Train ``model`` in place with Adam and cross-entropy; return its validation accuracy.
 
@@ -201,7 +207,9 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if progress:
+            _logger.info("  epoch %d/%d", epoch + 1, epochs)
         for idx in torch.randperm(len(y), generator=generator).split(batch_size):
             idx = idx.to(device)
             loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -275,7 +283,9 @@ def _pretrained(name: str, build: type[ModelT], *, seed: int, cache_dir: Path | 
             return model.eval(), splits
 
     model = _seeded(build, seed)
-    train_classifier(model, splits, epochs=epochs, seed=seed)
+    _logger.info("training the built-in MNIST-1D %s on %d samples for %d epochs (first use only; cached in %s)",
+                 name.upper(), len(splits.y_train), epochs, path.parent)
+    train_classifier(model, splits, epochs=epochs, seed=seed, progress=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -5,6 +5,7 @@ Depends on torch, torchmetrics and ``lrsearch.core``; never imports Optuna or Li
 
 from lrsearch.measure._budget import Budget, parse_budget
 from lrsearch.measure._compare import LatencyComparison, compare_latency
+from lrsearch.measure._deployment import REDUCTIONS, DeploymentLatency
 from lrsearch.measure._evaluate import Evaluation, EvaluationError, Evaluator, default_batch_fn
 from lrsearch.measure._latency import (
     LatencyTable,
@@ -18,6 +19,7 @@ from lrsearch.measure._uncertainty import paired_drop, paired_drop_interval
 
 __all__ = [
     "Budget",
+    "DeploymentLatency",
     "Evaluation",
     "EvaluationError",
     "Evaluator",
@@ -27,6 +29,7 @@ __all__ = [
     "LayerLatency",
     "LoggedMetric",
     "LoggedMetricError",
+    "REDUCTIONS",
     "build_latency_table",
     "compare_latency",
     "default_batch_fn",

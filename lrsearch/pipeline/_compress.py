@@ -37,6 +37,7 @@ from lrsearch.core._serialization import CHECKPOINT_KEY
 from lrsearch.core._targets import Patterns
 from lrsearch.measure import (
     Budget,
+    DeploymentLatency,
     Evaluation,
     Evaluator,
     LatencyComparison,
@@ -259,14 +260,24 @@ def _figures(model: nn.Module, batch: Any, forward: ForwardFn | None) -> dict[st
     return {"params": count_params(model), "macs": macs_per_sample(model, batch, forward=forward)}
 
 
-def _latency_warnings(comparison: LatencyComparison, predicted: float | None, batch_size: int) -> list[str]:
-    """Say when the measured speedup disagrees with the prediction, or the machine was busy."""
+def _predicted_speedups(table: DeploymentLatency | None, candidate: Candidate) -> dict[int, float]:
+    """The latency table's predicted speedup of ``candidate`` at each deployment batch size."""
+    if table is None:
+        return {}
+    plan = {name: (candidate.schemes[name], rank) for name, rank in candidate.ranks.items()}
+    return {size: dense.dense_model / seconds
+            for (size, seconds), dense in zip(table.predict_each(plan).items(), table.tables)}
+
+
+def _latency_warnings(comparison: LatencyComparison, predicted: Mapping[int, float]) -> list[str]:
+    """Say when a measured speedup disagrees with the prediction, or the machine was busy."""
     warnings: list[str] = []
-    measured = comparison.speedup("compressed", "original", batch_size)
-    if predicted is not None and abs(measured / predicted - 1) > PREDICTION_TOLERANCE:
-        warnings.append(f"The measured speedup at batch {batch_size} ({measured:.2f}x) differs from the latency "
-                        f"table's prediction ({predicted:.2f}x) by more than {PREDICTION_TOLERANCE:.0%}: the "
-                        "table may be stale or the machine's load changed; re-measure on a quiet machine.")
+    for size, expected in predicted.items():
+        measured = comparison.speedup("compressed", "original", size)
+        if abs(measured / expected - 1) > PREDICTION_TOLERANCE:
+            warnings.append(f"The measured speedup at batch {size} ({measured:.2f}x) differs from the latency "
+                            f"table's prediction ({expected:.2f}x) by more than {PREDICTION_TOLERANCE:.0%}: the "
+                            "table may be stale or the machine's load changed; re-measure on a quiet machine.")
     if comparison.busy:
         warnings.append("The latency rounds spread by more than 20% of their median: the machine was busy "
                         "while timing, so the measured speedups are rough.")
@@ -280,8 +291,10 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *, pars
     """The report, and the final model when the budget holds on the test split (looked at once here)."""
     table = result.latency_table
     threads = table.threads if table else (config.threads or torch.get_num_threads())
-    batch_size = table.batch_size if table else batch_size_of(data.search[0])
-    batch = _deployment_batch(data.search[0], batch_size)
+    sizes = table.batch_sizes if table else (config.batch_sizes or (batch_size_of(data.search[0]),))
+    batch_size = sizes[0]
+    batches = {size: _deployment_batch(data.search[0], size) for size in sizes}
+    batch = batches[batch_size]
     report: dict[str, Any] = {
         "lrsearch_version": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "budget": str(parsed), "search_budget": str(result.budget), "metric": metric_name or "accuracy",
@@ -304,10 +317,16 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *, pars
     drop = sign * (base_test.value - final_test.value)
     interval = _drop_interval(base_test, final_test)
     holds = drop <= allowed
-    comparison = compare_latency({"original": module, "compressed": selected.model}, {batch_size: batch},
+    comparison = compare_latency({"original": module, "compressed": selected.model}, batches,
                                  device=config.device, threads=threads, forward=forward)
     candidate = selected.candidate
-    predicted = (table.dense_model / candidate.latency) if table and candidate.latency else None
+    predicted = _predicted_speedups(table, candidate)
+    report["deployment"] = [
+        {"batch_size": size, "dense_ms": comparison.timings["original"][size].median_ms,
+         "compressed_ms": comparison.timings["compressed"][size].median_ms,
+         "speedup": comparison.speedup("compressed", "original", size), "predicted_speedup": predicted.get(size),
+         "spread": max(comparison.timings[name][size].spread for name in ("original", "compressed"))}
+        for size in sizes]
     full_ranks = {name: result.decomposition.full_rank(name) for name in result.decomposition.targets}
     report["dense"].update(verify_metric=base_test.value,
                            latency_ms=comparison.timings["original"][batch_size].median_ms)
@@ -318,13 +337,14 @@ def _report(module: nn.Module, result: SearchResult, data: PipelineData, *, pars
         **_figures(selected.model, batch, forward), "trial": candidate.trial,
         "latency_ms": comparison.timings["compressed"][batch_size].median_ms,
         "predicted_latency_ms": candidate.latency * 1e3 if candidate.latency is not None else None,
-        "speedup": comparison.speedup("compressed", "original", batch_size), "predicted_speedup": predicted,
+        "speedup": comparison.speedup("compressed", "original", batch_size),
+        "predicted_speedup": predicted.get(batch_size),
         "verify_metric": final_test.value, "verify_drop": drop, "verify_drop_interval": interval,
         "select_metric": selected.evaluation.value, "select_drop": selected.drop,
         "select_drop_interval": selected.interval, "search_drop": candidate.drop,
         "ranks": _jsonable(candidate.ranks), "full_ranks": _jsonable(full_ranks)}
     report["warnings"] = [w for w in (_undecided_warning(interval, allowed, data.test_split),
-                                      *_latency_warnings(comparison, predicted, batch_size)) if w]
+                                      *_latency_warnings(comparison, predicted)) if w]
     verdict = "meets" if holds else "misses"
     report["message"] = (f"Trial {candidate.trial} {verdict} the budget {parsed} on {data.test_split} after "
                          f"fine-tuning: drop {100 * drop:.2f} points (allowed {100 * allowed:.2f}).")

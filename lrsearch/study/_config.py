@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from lrsearch.core._decomposition import METHODS
-from lrsearch.measure import Budget, parse_budget
+from lrsearch.measure import REDUCTIONS, Budget, parse_budget
 from lrsearch.study._objective import OBJECTIVES
 
 __all__ = ["SAMPLERS", "SearchConfig"]
@@ -38,7 +38,11 @@ class SearchConfig:
         multiple: candidate ranks are multiples of this (8 suits AVX2 and tensor cores).
         device: where latency is measured (``"cpu"``, ``"cuda"``, ...).
         threads: CPU threads for latency measurement; default torch's current setting.
-        batch_size: deployment batch size for latency; default the first batch's size.
+        batch_size: deployment batch size for latency, or several (e.g. ``[1, 256]``): each gets
+            its own latency table; default the first batch's size.
+        batch_weights: with several batch sizes, the weight of each in the objective (default equal).
+        latency_reduce: with several batch sizes, the objective is the weighted ``"mean"`` of the
+            relative latencies (compressed / dense at each size) or their worst case, ``"max"``.
         warm_start: enqueue analytic allocations before sampling.
         early_abort: stop evaluating a trial once it cannot meet the budget.
         higher_is_better: the metric improves upward (accuracy); False for a loss.
@@ -62,7 +66,9 @@ class SearchConfig:
     multiple: int = 8
     device: str = "cpu"
     threads: int | None = None
-    batch_size: int | None = None
+    batch_size: int | tuple[int, ...] | None = None
+    batch_weights: tuple[float, ...] | None = None
+    latency_reduce: str = "mean"
     warm_start: bool = True
     early_abort: bool = True
     higher_is_better: bool = True
@@ -81,7 +87,21 @@ class SearchConfig:
         if self.threads is not None:
             _at_least("threads", self.threads, 1)
         if self.batch_size is not None:
-            _at_least("batch_size", self.batch_size, 1)
+            sizes = (self.batch_size,) if isinstance(self.batch_size, int) else tuple(self.batch_size)
+            for size in sizes:
+                _at_least("batch_size", size, 1)
+            if not sizes or len(set(sizes)) != len(sizes):
+                raise ValueError(f"batch_size must be one size or distinct sizes but got {self.batch_size!r}.")
+            object.__setattr__(self, "batch_size", sizes[0] if len(sizes) == 1 else sizes)
+        if self.batch_weights is not None:
+            weights = tuple(self.batch_weights)
+            if len(weights) != len(self.batch_sizes) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                    for w in weights):
+                raise ValueError(f"batch_weights must be one positive weight per batch size {list(self.batch_sizes)} "
+                                 f"but got {self.batch_weights!r}.")
+            object.__setattr__(self, "batch_weights", weights)
+        _choice("latency_reduce", self.latency_reduce, REDUCTIONS)
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds or None but got {self.timeout!r}.")
         if not (isinstance(self.latency_min_run_time, (int, float)) and math.isfinite(self.latency_min_run_time)
@@ -90,8 +110,17 @@ class SearchConfig:
         if not self.study_name:
             raise ValueError("study_name must not be empty.")
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The deployment batch sizes, empty when the first batch's size is to be used."""
+        if self.batch_size is None:
+            return ()
+        return (self.batch_size,) if isinstance(self.batch_size, int) else tuple(self.batch_size)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["budget"] = str(self.budget) if isinstance(self.budget, Budget) else self.budget
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:

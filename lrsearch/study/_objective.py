@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from lrsearch.core import Decomposition, dense_cost, factorized_cost
-from lrsearch.measure import Evaluation, Evaluator, LatencyTable
+from lrsearch.measure import DeploymentLatency, Evaluation, Evaluator
 from lrsearch.study._abort import drop_is_hopeless
 from lrsearch.study._space import SearchSpace, param_name
 
@@ -35,7 +35,7 @@ class PlanCosts:
     decomposition: Decomposition
     dense_params: int
     dense_macs: int
-    table: LatencyTable | None
+    table: DeploymentLatency | None
 
     def __call__(self, plan: Mapping[str, tuple[str, Any]]) -> dict[str, float]:
         params, macs = self.dense_params, self.dense_macs
@@ -53,8 +53,7 @@ class PlanCosts:
         """What the dense layer ``name`` alone costs per forward, in the objective's unit."""
         if objective == "latency":
             assert self.table is not None, "objective='latency' is checked to come with a table"
-            layer = self.table.layers[name]
-            return layer.calls * layer.dense
+            return self.table.dense_layer(name)
         cost = dense_cost(self.decomposition.geometry(name))
         return float(cost.params if objective == "params" else (cost.macs or 0))
 

@@ -7,6 +7,7 @@ worker scores trials identically and a resumed run never measures them again.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -31,6 +32,7 @@ from lrsearch.core._runtime import ForwardFn, batch_size_of, model_device
 from lrsearch.core._targets import Patterns
 from lrsearch.measure import (
     Budget,
+    DeploymentLatency,
     EvaluationError,
     Evaluator,
     LatencyTable,
@@ -97,7 +99,7 @@ class SearchResult:
     dense: dict[str, float]
     space: SearchSpace = field(repr=False)
     decomposition: Decomposition = field(repr=False)
-    latency_table: LatencyTable | None = field(default=None, repr=False)
+    latency_table: DeploymentLatency | None = field(default=None, repr=False)
 
     def build(self, candidate: Candidate | None = None) -> nn.Module:
         """The compressed model of ``candidate`` (default: the best), from the cached factors."""
@@ -214,7 +216,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         return result
 
 
-def _space(decomposition: Decomposition, config: SearchConfig, table: LatencyTable | None) -> SearchSpace:
+def _space(decomposition: Decomposition, config: SearchConfig, table: DeploymentLatency | None) -> SearchSpace:
     """Each layer's rank choices; a rank the latency table measured no faster than dense is left out."""
     is_faster = None if table is None else (lambda n, s, r: r in table.faster_ranks(n, s))
     space = SearchSpace.build(decomposition, multiple=config.multiple, is_faster=is_faster)
@@ -397,35 +399,42 @@ def _cost_value(candidate: Candidate, objective: str) -> float:
 
 
 def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: Decomposition,
-                    batches: list[Any], forward: ForwardFn | None, run_dir: Path) -> LatencyTable | None:
-    """The study's latency table; measured (or reused from the run folder) only if the study has none."""
+                    batches: list[Any], forward: ForwardFn | None, run_dir: Path) -> DeploymentLatency | None:
+    """The study's deployment latency; measured (or reused from the run folder) only if the study has none."""
     if config.objective != "latency":
         return None
     stored = study.user_attrs.get(ATTR + "latency_table")
     if stored is not None:
-        return LatencyTable.from_dict(stored)
+        return DeploymentLatency.from_dict(stored)
     threads = config.threads or torch.get_num_threads()
-    batch_size = config.batch_size or batch_size_of(batches[0])
+    sizes = config.batch_sizes or (batch_size_of(batches[0]),)
     geometries = {name: decomposition.geometry(name).to_dict() for name in decomposition.targets}
     path = run_dir / TABLE_FILE
-    table = None
+    cached: dict[int, LatencyTable] = {}
     if path.is_file():
-        cached = LatencyTable.load(path)
-        if cached.matches(device=config.device, threads=threads, batch_size=batch_size, layers=geometries):
-            table = cached
-    if table is None:
-        _logger.info("measuring the latency table on %s (%d threads, batch %d)", config.device, threads, batch_size)
-        table = build_latency_table(decomposition, batches[0], batch_size=batch_size, device=config.device,
-                                    threads=threads, forward=forward, multiple=config.multiple,
-                                    min_run_time=config.latency_min_run_time, repeats=config.latency_repeats)
-        table.save(path)
+        previous = DeploymentLatency.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        cached = {table.batch_size: table for table in previous.tables
+                  if table.matches(device=config.device, threads=threads, batch_size=table.batch_size,
+                                   layers=geometries)}
+    tables = []
+    for size in sizes:
+        if size not in cached:
+            _logger.info("measuring the latency table on %s (%d threads, batch %d)", config.device, threads, size)
+            cached[size] = build_latency_table(decomposition, batches[0], batch_size=size, device=config.device,
+                                               threads=threads, forward=forward, multiple=config.multiple,
+                                               min_run_time=config.latency_min_run_time,
+                                               repeats=config.latency_repeats)
+        tables.append(cached[size])
+    deployment = DeploymentLatency(tuple(tables), config.batch_weights or (1.0,) * len(tables),
+                                   config.latency_reduce)
+    atomic_write_json(path, deployment.to_dict())
     # Another worker may have stored its table while this one measured: the first stored wins, so
     # every worker offers the same rank choices (Optuna refuses a parameter whose choices differ).
     stored = study.user_attrs.get(ATTR + "latency_table")
     if stored is not None:
-        return LatencyTable.from_dict(stored)
-    study.set_user_attr(ATTR + "latency_table", table.to_dict())
-    return table
+        return DeploymentLatency.from_dict(stored)
+    study.set_user_attr(ATTR + "latency_table", deployment.to_dict())
+    return deployment
 
 
 def _prepare_study(study: optuna.Study, config: SearchConfig, *, budget: Budget, baseline: float,

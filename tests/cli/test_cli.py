@@ -231,7 +231,7 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
     assert "DOES NOT MEET THE BUDGET 0.5%" in out and "trial 3 drop 2.00 points" in out and "HINT" in out
     assert calls["search_budget"] == "2%" and calls["max_finetunes"] == 2 and calls["budget"] == "0.5%"
     assert calls["search_config"].objective == "macs" and calls["search_config"].threads == 1
-    assert calls["finetune_config"].distill is False and calls["finetune_config"].epochs == 2
+    assert calls["finetune_config"].distill is False and calls["finetune_config"].epochs is None
 
 
 def test_a_failed_trial_is_one_line_without_its_traceback(capfd: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from torch import nn
 
 import lrsearch
-from lrsearch.measure import LatencyTable, LayerLatency
+from lrsearch.measure import DeploymentLatency, LatencyTable, LayerLatency
 from lrsearch.study import CONSTRAINT, SearchConfig, SearchSpace, search
 from lrsearch.study import _study as study_module
 from lrsearch.study._space import param_name
@@ -230,8 +230,8 @@ def test_latency_table_built_once_and_slow_layer_stays_dense(trained, tmp_path: 
     assert all("2" not in c.ranks for c in first.pareto)
     search(model, val, budget="1%", run_dir=str(tmp_path), **{**options, "n_trials": 6})
     assert builds == [1]
-    stored = LatencyTable.from_dict(_study(first).user_attrs["lrsearch:latency_table"])
-    assert stored.layers.keys() == first.latency_table.layers.keys()
+    stored = DeploymentLatency.from_dict(_study(first).user_attrs["lrsearch:latency_table"])
+    assert stored.primary.layers.keys() == first.latency_table.primary.layers.keys()
     assert (tmp_path / "latency-table.json").is_file()
     best = first.best
     assert best is not None and best.latency == pytest.approx(first.latency_table.predict(
@@ -250,7 +250,7 @@ def test_a_table_another_worker_stored_meanwhile_wins(trained, tmp_path: Path, m
 
     monkeypatch.setattr(study_module, "build_latency_table", build_while_another_worker_stores)
     result = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "objective": "latency", "n_trials": 3})
-    assert result.latency_table.to_dict() == theirs.to_dict()
+    assert result.latency_table.primary.to_dict() == theirs.to_dict()
     assert "0" in result.space.fixed_dense and "2" in result.space.layers
     assert _study(result).user_attrs["lrsearch:latency_table"] == theirs.to_dict()
 
@@ -367,3 +367,32 @@ def test_a_resumed_study_reuses_its_probes_and_other_workers_do_not_probe(traine
     other = search(model, val, budget="1%", run_dir=str(tmp_path / "w1"), worker_index=1, multiple=2,
                    **{**FAST, "n_trials": 20})
     assert {t.user_attrs["warm_start"] for t in _greedy_trials(_study(other))} <= FIXED_GREEDY
+
+
+def test_several_deployment_batch_sizes_get_one_table_each(trained, tmp_path: Path, monkeypatch) -> None:
+    """batch_size=(1, 128): a table per size, and the objective is their weighted relative latency."""
+    model, val = trained
+    sizes: list[int] = []
+
+    def fake_build(decomposition, *args, batch_size, **kwargs):
+        sizes.append(batch_size)
+        table = _table(model, slow_layer="2" if batch_size == 1 else "none")
+        return LatencyTable(**{**table.__dict__, "batch_size": batch_size})
+
+    monkeypatch.setattr(study_module, "build_latency_table", fake_build)
+    result = search(model, val, budget="1%", run_dir=str(tmp_path),
+                    **{**FAST, "objective": "latency", "n_trials": 4, "batch_size": [1, 128],
+                       "batch_weights": [1.0, 3.0]})
+    assert sizes == [1, 128]
+    deployment = result.latency_table
+    assert deployment.batch_sizes == (1, 128) and deployment.weights == (1.0, 3.0)
+    best = result.best
+    plan = {name: (best.schemes[name], rank) for name, rank in best.ranks.items()}
+    each = deployment.predict_each(plan)
+    expected = (0.25 * each[1] / deployment.tables[0].dense_model
+                + 0.75 * each[128] / deployment.tables[1].dense_model) * deployment.dense_model
+    assert best.latency == pytest.approx(expected)
+    # A rebuild with the same sizes reuses both tables from the run folder.
+    search(model, val, budget="1%", run_dir=str(tmp_path / "again"), **{**FAST, "objective": "latency",
+                                                                          "n_trials": 2, "batch_size": [1, 128]})
+    assert sizes == [1, 128, 1, 128]  # another run folder: measured again
