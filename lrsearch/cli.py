@@ -164,9 +164,9 @@ def _job_parser(name: str, help_text: str) -> Any:
                         help=f"output folder; the same folder resumes its study (default: {DEFAULT_RUN_DIR})")
     parser.add_argument("--max_finetunes", type=_positive, default=6,
                         help="candidates of the search's front fine-tuned at most while bisecting (default: 6)")
-    parser.add_argument("--select_fraction", type=float, default=0.5,
+    parser.add_argument("--select_fraction", type=float, default=0.75,
                         help="share of validation batches held out from the search to accept or reject "
-                             "fine-tuned candidates (default: 0.5)")
+                             "fine-tuned candidates (default: 0.75)")
     parser.add_argument("--monitor", type=Optional[str], default=None,
                         help="score with a value the model logs in validation_step, e.g. val_acc "
                              "(default: top-1 accuracy of model(inputs)); for a loss add "

@@ -54,7 +54,7 @@ class RankSearchLogic:
                  search_budget: str | float | None = AUTO,
                  search: SearchConfig | Mapping[str, Any] | None = None,
                  finetune: FinetuneConfig | Mapping[str, Any] | None = None, max_finetunes: int = 6,
-                 select_fraction: float = 0.5, max_samples: int | None = 20_000, metric: Any = None, monitor: str | None = None,
+                 select_fraction: float = 0.75, max_samples: int | None = 20_000, metric: Any = None, monitor: str | None = None,
                  metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None, target_modules: Patterns = None,
                  exclude_modules: Patterns = None, conv_scheme: str | Mapping[str, str] = "channel",
                  swap: bool = False) -> None:

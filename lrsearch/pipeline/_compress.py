@@ -42,6 +42,7 @@ from lrsearch.measure import (
     Evaluator,
     LatencyComparison,
     compare_latency,
+    paired_drop,
     paired_drop_interval,
     parse_budget,
 )
@@ -119,7 +120,8 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
              datamodule: Any = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
              test_dataloaders: Any = None, search_config: SearchConfig | None = None,
              finetune_config: FinetuneConfig | None = None, max_finetunes: int = 6,
-             select_fraction: float = 0.5, max_samples: int | None = 20_000, metric: Any = None,
+             select_fraction: float = 0.75, select_margin: float = 1.0, max_samples: int | None = 20_000,
+             metric: Any = None,
              monitor: str | None = None, metric_name: str | None = None, batch_fn: Any = None,
              forward: ForwardFn | None = None, target_modules: Patterns = None, exclude_modules: Patterns = None,
              conv_scheme: str | Mapping[str, str] = "channel", show_progress_bar: bool = False) -> CompressionResult:
@@ -130,7 +132,10 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     fine-tuning recovers most of a large drop; then up to ``max_finetunes`` candidates of the
     search's front are fine-tuned, bisecting for the cheapest one whose drop on the selection
     split (``select_fraction`` of the validation batches, which the search never sees) is
-    within ``budget``. That candidate alone is scored on the test split, once: the verdict.
+    within ``budget`` with a margin of ``select_margin`` standard errors of that drop (the
+    bisection keeps the cheapest candidate that passed, so a candidate that passed by luck would
+    otherwise break the budget on the test split). That candidate alone is scored on the test
+    split, once: the verdict.
 
     The score is top-1 accuracy unless ``metric`` (a torchmetrics ``Metric`` or
     ``fn(outputs, targets)``) or ``monitor`` (a name the module logs in ``validation_step``,
@@ -149,6 +154,8 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
     searched = search_constraint(parsed, search_budget)
     finetune_config = finetune_config or FinetuneConfig()
     Bisection([], max_finetunes)  # checks max_finetunes before any work
+    if not (isinstance(select_margin, (int, float)) and not isinstance(select_margin, bool) and select_margin >= 0):
+        raise ValueError(f"select_margin must be a number of at least 0 but got {select_margin!r}.")
     run_dir = Path(run_dir)
     data = resolve_data(datamodule=datamodule, train_dataloaders=train_dataloaders,
                         val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders,
@@ -177,7 +184,8 @@ def compress(module: nn.Module, *, budget: str | float, run_dir: str | Path,
         evaluation = selector.evaluate(tuned)
         drop = sign * (base_select.value - evaluation.value)
         attempt = _Attempt(candidate, tuned, evaluation, drop, _drop_interval(base_select, evaluation),
-                           drop <= allowed_select, time.perf_counter() - begun)
+                           drop + select_margin * _standard_error(base_select, evaluation) <= allowed_select,
+                           time.perf_counter() - begun)
         attempts.append(attempt)
         _logger.info("trial %d after fine-tuning: drop %.2f points on %s (allowed %.2f)", candidate.trial,
                      100 * drop, data.select_split, 100 * allowed_select)
@@ -234,6 +242,13 @@ def _ctrl_c_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+def _standard_error(base: Evaluation, candidate: Evaluation) -> float:
+    """Standard error of the paired accuracy drop; 0 for metrics without per-sample hits."""
+    if base.correct is None or candidate.correct is None:
+        return 0.0
+    return paired_drop(base.correct, candidate.correct)[1]
 
 
 def _drop_interval(base: Evaluation, candidate: Evaluation) -> list[float] | None:

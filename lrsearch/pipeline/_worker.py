@@ -43,7 +43,7 @@ _logger = logging.getLogger("lrsearch")
 def search_worker(module: nn.Module, *, budget: str | float, run_dir: str | Path,
                   search_budget: str | float | None = AUTO, datamodule: Any = None,
                   train_dataloaders: Any = None, val_dataloaders: Any = None, test_dataloaders: Any = None,
-                  search_config: SearchConfig | None = None, select_fraction: float = 0.5,
+                  search_config: SearchConfig | None = None, select_fraction: float = 0.75,
                   max_samples: int | None = 20_000, metric: Any = None,
                   monitor: str | None = None, metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None,
                   target_modules: Patterns = None, exclude_modules: Patterns = None,
