@@ -27,11 +27,12 @@ from lrsearch.core._runtime import (
     model_device,
     output_field,
 )
+from lrsearch.pipeline._lightning import namespace_of
 
 if TYPE_CHECKING:
     from lrsearch.pipeline._finetune import FinetuneConfig
 
-__all__ = ["DISTILL_LOSSES", "DistillationError", "check_distill"]
+__all__ = ["DISTILL_LOSSES", "DistillLoss", "DistillationError", "check_distill"]
 
 DistillLoss = Literal["kl", "cosine", "mse"]
 DISTILL_LOSSES: tuple[DistillLoss, ...] = ("kl", "cosine", "mse")
@@ -141,14 +142,14 @@ class _Distiller:
 
     def _run_both(self, batch: Any) -> tuple[Any, Any]:
         """Feed the batch to both models when the step's own call cannot be reused."""
-        forward = self.forward or default_forward
-        try:
-            student = forward(self.module, batch)
-        except NotImplementedError as error:
+        if self.forward is None and type(self.module).forward is namespace_of(self.module).LightningModule.forward:
             raise DistillationError(format_problem(
                 f"Distillation has to run {type(self.module).__qualname__} on the batch, but it defines no forward",
-                given=str(error), hint="define forward (e.g. def forward(self, **inputs): return "
-                "self.model(**inputs)) and call self(...) in training_step, or " + _FORWARD_HINT)) from error
+                expected="a forward that returns logits or features, called once as self(...) in training_step",
+                hint="define forward (e.g. def forward(self, **inputs): return self.model(**inputs)) and call "
+                     "it in training_step, or " + _FORWARD_HINT))
+        forward = self.forward or default_forward
+        student = forward(self.module, batch)
         with torch.no_grad():
             teacher = forward(self.teacher, batch)
         return student, teacher
