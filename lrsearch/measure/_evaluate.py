@@ -154,7 +154,9 @@ def _same_tokens(logits: Tensor, tokens: Any, labels: Any) -> bool:
 def _scored(logits: Tensor, labels: Any, tokens: Any, mask: Any) -> _Scored:
     """Rows to score: next tokens for a causal LM, else every position whose target is not -100."""
     if not isinstance(labels, Tensor):
-        return _Scored(logits, labels)  # not a tensor: the evaluator reports what batch_fn should give
+        raise EvaluationError(format_problem(
+            "The batch's targets are not a tensor", expected="a tensor of class indices",
+            given=describe(labels), hint="collate the targets into a tensor (a DataLoader does), or " + _BATCH_FN_HINT))
     if _same_tokens(logits, tokens, labels):
         logits, labels = logits[:, :-1], labels[:, 1:]
         keep = labels != IGNORE_INDEX

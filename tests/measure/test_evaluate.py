@@ -254,6 +254,8 @@ def broken_model() -> nn.Module:
     pytest.param(lambda: Evaluator([{"x": torch.randn(2, 6), "y": torch.zeros(2)}]).evaluate(classifier()),
                  "dict batch has no 'labels'.*batch_fn=", id="dict-batch"),
     pytest.param(lambda: Evaluator([torch.randn(2, 6)]).evaluate(classifier()), "no targets", id="no-targets"),
+    pytest.param(lambda: Evaluator([(torch.randn(2, 6), [0, 1])]).evaluate(classifier()),
+                 "targets are not a tensor.*Got a list", id="list-targets"),
     pytest.param(lambda: Evaluator(classification_data()).evaluate(broken_model()),
                  "batch 0: RuntimeError", id="model-error"),
     pytest.param(lambda: Evaluator(classification_data(), batch_fn=lambda model, batch: model(batch[0]))
