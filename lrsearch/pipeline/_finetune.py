@@ -11,11 +11,10 @@ thread count are restored.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lrsearch._errors import LrSearchError, format_problem
-from lrsearch.core._runtime import ForwardFn, default_forward, model_device
+from lrsearch._errors import format_problem
+from lrsearch.core._runtime import ForwardFn, model_device
 from lrsearch.pipeline._data import DataError
+from lrsearch.pipeline._distill import DistillationError, _Distiller, _distilling
 from lrsearch.pipeline._lightning import namespace_of
 
 __all__ = ["DistillationError", "FinetuneConfig", "auto_epochs", "finetune"]
@@ -45,10 +44,6 @@ _SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "max_lrs", "min_lrs", "_last_lr", "eta_m
 AUTO_SAMPLES = 320_000
 AUTO_MAX_EPOCHS = 10
 
-
-
-class DistillationError(LrSearchError, ValueError):
-    """Distillation cannot work with this module, teacher or their outputs."""
 
 
 @dataclass(frozen=True)
@@ -268,113 +263,6 @@ def _lr_scale_callback(namespace: ModuleType) -> type:
             _scale_learning_rates(trainer, self.scale)
 
     return LrScale
-
-
-class _Distiller:
-    """Adds ``alpha * T² * KL(teacher ‖ student)`` to the loss of the wrapped ``training_step``."""
-
-    def __init__(self, module: Any, teacher: nn.Module | None, config: FinetuneConfig,
-                 forward: ForwardFn | None) -> None:
-        if teacher is None:
-            raise DistillationError(format_problem(
-                "distill=True needs a teacher", expected="teacher=<the uncompressed model>",
-                hint="pass the original model as teacher, or FinetuneConfig(distill=False)."))
-        if not isinstance(teacher, nn.Module):
-            raise DistillationError(format_problem(
-                "The teacher must be a torch module", given=f"an object of type {type(teacher).__qualname__}"))
-        if teacher is module:
-            raise DistillationError(format_problem(
-                "The teacher is the module being fine-tuned", expected="the uncompressed original model",
-                hint="pass the model the compressed copy was built from."))
-        if not module.automatic_optimization:
-            raise DistillationError(format_problem(
-                "Distillation needs automatic optimization", given="a module that steps its optimizers itself",
-                hint="add the distillation term in your own training_step, or FinetuneConfig(distill=False)."))
-        if "dataloader_iter" in inspect.signature(module.training_step).parameters:
-            raise DistillationError(format_problem(
-                "Distillation cannot see the batches of a training_step that takes dataloader_iter",
-                hint="use FinetuneConfig(distill=False)."))
-        self.module = module
-        self.teacher = teacher
-        self.temperature = config.temperature
-        self.alpha = config.alpha
-        self.forward = forward
-
-    def wrap(self, training_step: Any) -> Any:
-        @functools.wraps(training_step)
-        def step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            calls: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
-            handle = self.module.register_forward_hook(
-                lambda _, inputs, keywords, output: calls.append((inputs, keywords, output)), with_kwargs=True)
-            try:
-                result = training_step(batch, *args, **kwargs)
-            finally:
-                handle.remove()
-            if result is None or (isinstance(result, Mapping) and "loss" not in result):
-                return result  # a skipped batch, or a step Lightning itself rejects with its own message
-            loss = result["loss"] if isinstance(result, Mapping) else result
-            total = (1.0 - self.alpha) * loss + self.alpha * self.temperature ** 2 * self.divergence(batch, calls)
-            if isinstance(result, Mapping):
-                return {**result, "loss": total}
-            return total
-
-        return step
-
-    def divergence(self, batch: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any], Any]]) -> torch.Tensor:
-        """KL of the softened outputs, reusing the step's own forward call if it was one giving a tensor."""
-        device = model_device(self.module)
-        if model_device(self.teacher) != device:
-            self.teacher.to(device)
-        if len(calls) == 1 and isinstance(calls[0][2], torch.Tensor):
-            inputs, keywords, student = calls[0]
-            with torch.no_grad():
-                teacher = self.teacher(*inputs, **keywords)
-        else:
-            forward = self.forward or default_forward
-            student = forward(self.module, batch)
-            with torch.no_grad():
-                teacher = forward(self.teacher, batch)
-        self.check_outputs(student, teacher)
-        classes = student.shape[-1]
-        log_student = F.log_softmax(student.float().reshape(-1, classes) / self.temperature, dim=-1)
-        log_teacher = F.log_softmax(teacher.float().reshape(-1, classes) / self.temperature, dim=-1)
-        return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
-
-    @staticmethod
-    def check_outputs(student: Any, teacher: Any) -> None:
-        hint = ("pass forward=lambda model, batch: <logits tensor> to say how to get class logits, "
-                "or FinetuneConfig(distill=False).")
-        if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)):
-            raise DistillationError(format_problem(
-                "Distillation needs the student and the teacher to output logit tensors",
-                expected="two tensors of shape (..., classes)",
-                given=f"{type(student).__qualname__} from the student and {type(teacher).__qualname__} "
-                      "from the teacher", hint=hint))
-        if student.shape != teacher.shape or student.dim() < 2 or student.shape[-1] < 2 \
-                or not student.is_floating_point():
-            raise DistillationError(format_problem(
-                "Distillation needs floating-point logits of the same shape with at least 2 classes "
-                "in the last dimension", given=f"student {tuple(student.shape)} {student.dtype}, "
-                f"teacher {tuple(teacher.shape)} {teacher.dtype}", hint=hint))
-
-
-@contextmanager
-def _distilling(module: nn.Module, distiller: _Distiller | None) -> Iterator[None]:
-    """Patch the distillation wrapper onto this instance only, and put back what was there."""
-    if distiller is None:
-        yield
-        return
-    distiller.teacher.eval()
-    missing = object()
-    previous = module.__dict__.get("training_step", missing)
-    module.training_step = distiller.wrap(module.training_step)
-    try:
-        yield
-    finally:
-        if previous is missing:
-            del module.training_step
-        else:
-            module.training_step = previous
 
 
 @contextmanager
