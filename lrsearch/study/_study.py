@@ -171,6 +171,11 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
     with _resume_hint(config.study_name, storage_url):
         batches = list(data)
         evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
+        if evaluator.higher_is_better not in (None, config.higher_is_better):
+            raise LrSearchError(format_problem(
+                f"The metric {metric!r} improves {'upward' if evaluator.higher_is_better else 'downward'}, "
+                f"but higher_is_better={config.higher_is_better}",
+                hint=f"pass higher_is_better={evaluator.higher_is_better} (SearchConfig)."))
         baseline = evaluator.evaluate(model)
         allowed = budget.allowed_drop(baseline.value)
         decomposition = Decomposition(model, method=config.method,  # type: ignore[arg-type]
@@ -189,7 +194,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                           dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
         dense = costs({})
         _prepare_study(study, config, budget=budget, baseline=baseline.value, allowed=allowed, dense=dense,
-                       metric_name=metric_name or _metric_label(metric))
+                       metric_name=metric_name or baseline.metric_name)
         bisection = None
         if config.warm_start:
             cost_of = _cost_fn(space, costs, config.objective)
@@ -368,14 +373,6 @@ def _no_traceback_for_interrupts() -> Iterator[None]:
 
 def _max_rank(rank: Any) -> int:
     return max(rank) if isinstance(rank, tuple) else int(rank)
-
-
-def _metric_label(metric: Any) -> str:
-    if metric is None:
-        return "accuracy"
-    if isinstance(metric, LoggedMetric):
-        return metric.name
-    return getattr(metric, "__name__", type(metric).__name__)
 
 
 def _cost_fn(space: SearchSpace, costs: PlanCosts, objective: str) -> Callable[[str, Any], float]:
