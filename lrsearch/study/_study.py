@@ -36,7 +36,6 @@ from lrsearch.measure import (
     EvaluationError,
     Evaluator,
     LatencyTable,
-    LoggedMetric,
     build_latency_table,
     parse_budget,
 )
