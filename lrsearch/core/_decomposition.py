@@ -23,14 +23,15 @@ from lrsearch._errors import (
     UnsupportedLayerError,
     format_problem,
 )
-from lrsearch.core._calibration import LayerStatistics, collect_statistics, spatial_gram
-from lrsearch.core._conv import CONV_SCHEMES, ConvRank, LowRankConv2d, check_conv_rank, conv_weight_matrix
-from lrsearch.core._cost import LayerGeometry, full_rank, geometry_of
-from lrsearch.core._factors import MatrixFactors, TuckerFactors, matrix_factors, tucker2_factors
-from lrsearch.core._linear import LowRankLinear, check_rank
+from lrsearch.core._calibration import LayerStatistics, collect_statistics
+from lrsearch.core._conv import ConvRank
+from lrsearch.core._factors import TuckerFactors
+from lrsearch.core._geometry import LayerGeometry
+from lrsearch.core._kind import Factors, LayerKind
+from lrsearch.core._kinds import KINDS, kind_of, supported_labels
 from lrsearch.core._runtime import ForwardFn
 from lrsearch.core._surgery import clone_with
-from lrsearch.core._targets import SUPPORTED_TYPES, Patterns, select_targets
+from lrsearch.core._targets import Patterns, select_targets
 
 __all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "factorize"]
 
@@ -65,7 +66,7 @@ class Decomposition:
 
     def __init__(self, model: nn.Module, *, method: Method = "whitened",
                  calibration: Iterable[Any] | None = None, forward: ForwardFn | None = None,
-                 target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+                 target_types: Sequence[type[nn.Module]] | None = None,
                  target_modules: Patterns = None, exclude_modules: Patterns = None,
                  layers: Collection[str] | None = None,
                  conv_scheme: str | Mapping[str, str] = "channel",
@@ -106,30 +107,43 @@ class Decomposition:
                 "No target layer can be factorized",
                 given="; ".join(f"{n}: {r}" for n, r in list(self._skipped.items())[:5]) or "no layers"))
         self._targets: dict[str, nn.Module] = targets
-        self._factors: dict[tuple[str, str], MatrixFactors | TuckerFactors] = {}
+        self._factors: dict[tuple[str, str], Factors] = {}
 
     def _resolve_schemes(self, conv_scheme: str | Mapping[str, str],
                          targets: Mapping[str, nn.Module]) -> dict[str, str]:
-        mapping = conv_scheme if isinstance(conv_scheme, Mapping) else {}
-        for name in mapping:
-            self._check_known(name, targets)
+        """Each target's default scheme: its entry in a map, else a str scheme if its kind has it."""
+        known = {scheme for kind in KINDS for scheme in kind.schemes}
+        if isinstance(conv_scheme, Mapping):
+            for name in conv_scheme:
+                self._check_known(name, targets)
+        elif conv_scheme not in known:
+            raise ValueError(format_problem(f"Unknown conv scheme {conv_scheme!r}",
+                                            expected=f"one of {sorted(known)}"))
         schemes: dict[str, str] = {}
         for name, module in targets.items():
-            if isinstance(module, nn.Linear):
-                schemes[name] = "linear"
-                continue
-            scheme = mapping.get(name, "channel") if isinstance(conv_scheme, Mapping) else conv_scheme
-            schemes[name] = self._check_scheme(name, scheme)
+            kind = self._kind_of(module)
+            if isinstance(conv_scheme, Mapping):
+                scheme = conv_scheme.get(name, kind.schemes[0])
+            else:
+                scheme = conv_scheme if conv_scheme in kind.schemes else kind.schemes[0]
+            schemes[name] = self._check_scheme(name, kind, scheme)
         return schemes
 
-    def _check_scheme(self, name: str, scheme: str) -> str:
-        if scheme not in CONV_SCHEMES:
-            raise ValueError(format_problem(f"Unknown conv scheme {scheme!r} for {name}",
-                                            expected=f"one of {list(CONV_SCHEMES)}"))
-        if scheme == "tucker2" and self.method == "whitened":
+    @staticmethod
+    def _kind_of(module: nn.Module) -> LayerKind:
+        kind = kind_of(module)
+        assert kind is not None, "select_targets only returns modules of a known kind"
+        return kind
+
+    def _check_scheme(self, name: str, kind: LayerKind, scheme: str) -> str:
+        if scheme not in kind.schemes:
             raise ValueError(format_problem(
-                f"conv_scheme='tucker2' (layer {name}) has no data-aware decomposition",
-                expected="method='svd' with tucker2, or conv_scheme 'channel' or 'spatial' with whitening",
+                f"Unknown scheme {scheme!r} for layer {name!r}, a {kind.label}",
+                expected=f"one of {list(kind.schemes)}"))
+        if self.method == "whitened" and scheme not in kind.whitened_schemes:
+            raise ValueError(format_problem(
+                f"conv_scheme={scheme!r} (layer {name}) has no data-aware decomposition",
+                expected=f"method='svd' with {scheme}, or one of {list(kind.whitened_schemes)} with whitening",
                 hint="use method='svd', or another scheme for this layer."))
         return scheme
 
@@ -144,7 +158,8 @@ class Decomposition:
             module = self.model.get_submodule(name)
             raise UnknownLayerError(format_problem(
                 f"Layer {name!r} ({type(module).__name__}) is not a target",
-                expected="a Linear or Conv2d selected by target_types/target_modules and not excluded",
+                expected=f"a layer of a supported kind ({supported_labels()}) selected by "
+                         "target_types/target_modules and not excluded",
                 hint="check target_modules and exclude_modules."))
         close = difflib.get_close_matches(name, list(targets) or self._all_names, n=3)
         raise UnknownLayerError(format_problem(
@@ -167,31 +182,38 @@ class Decomposition:
         return self._targets[name]
 
     def scheme(self, name: str) -> str:
-        """``"linear"`` for a Linear, else the layer's default conv scheme."""
+        """The layer's default scheme: ``"linear"`` for Linear-like layers, else its conv scheme."""
         self._check_known(name, self._targets)
         return self._schemes[name]
+
+    def schemes(self, name: str) -> tuple[str, ...]:
+        """Every scheme the layer's kind offers (its default first), whether or not it is the layer's default."""
+        return self._kind(name).schemes
+
+    def _kind(self, name: str) -> LayerKind:
+        return self._kind_of(self.module(name))
 
     def geometry(self, name: str) -> LayerGeometry:
         """Shapes for the cost model, including per-sample positions seen during calibration."""
         stats = self._stats.get(name, LayerStatistics())
-        return geometry_of(self.module(name), input_shape=stats.input_shape,
-                           output_shape=stats.output_shape, rows=stats.rows_per_sample)
+        return self._kind(name).geometry(self.module(name), input_shape=stats.input_shape,
+                                         output_shape=stats.output_shape, rows=stats.rows_per_sample)
 
     def full_rank(self, name: str, scheme: str | None = None) -> ConvRank:
-        return full_rank(self.geometry(name), self._scheme_for(name, scheme))
+        return self._kind(name).full_rank(self.geometry(name), self._scheme_for(name, scheme))
 
     def _scheme_for(self, name: str, scheme: str | None) -> str:
         default = self.scheme(name)
-        if scheme is None or default == "linear":
-            return default
-        return self._check_scheme(name, scheme)
+        return default if scheme is None else self._check_scheme(name, self._kind(name), scheme)
 
-    def factors(self, name: str, scheme: str | None = None) -> MatrixFactors | TuckerFactors:
+    def factors(self, name: str, scheme: str | None = None) -> Factors:
         """The cached decomposition of one layer (computed on first request)."""
         scheme = self._scheme_for(name, scheme)
         key = (name, scheme)
         if key not in self._factors:
-            self._factors[key] = self._decompose(name, scheme)
+            gram = self._stats[name].gram if self.method == "whitened" else None
+            self._factors[key] = self._kind(name).decompose(self._targets[name], scheme, gram=gram,
+                                                            ridge=self.ridge)
         return self._factors[key]
 
     def singular_values(self, name: str, scheme: str | None = None) -> torch.Tensor:
@@ -200,19 +222,6 @@ class Decomposition:
         if isinstance(factors, TuckerFactors):
             return factors.out_singular_values
         return factors.singular_values
-
-    def _decompose(self, name: str, scheme: str) -> MatrixFactors | TuckerFactors:
-        module = self._targets[name]
-        weight = module.weight
-        if scheme == "tucker2":
-            return tucker2_factors(weight)
-        matrix = weight if scheme == "linear" else conv_weight_matrix(weight, scheme)
-        gram = None
-        if self.method == "whitened":
-            gram = self._stats[name].gram
-            if scheme == "spatial":
-                gram = spatial_gram(gram, module.in_channels, tuple(module.kernel_size))  # type: ignore[arg-type]
-        return matrix_factors(matrix, gram=gram, ridge=self.ridge, dtype=weight.dtype)
 
     # ------------------------------------------------------------------ building
     def resolve(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None
@@ -253,27 +262,15 @@ class Decomposition:
             if isinstance(value, str):
                 raise InvalidRankError(format_problem(
                     f"Unknown rank {value!r} for layer {name}", expected="an int or 'dense'"))
-            what = f"layer {name!r} ({self._describe(name)})"
-            rank = check_rank(value, top, what=what) if isinstance(top, int) else check_conv_rank(
-                value, top, what=what)
-            plan[name] = (scheme, rank)
+            kind = self._kind(name)
+            what = f"layer {name!r} ({kind.describe(self._targets[name])})"
+            plan[name] = (scheme, kind.check_rank(value, self.geometry(name), scheme, what=what))
         return plan
-
-    def _describe(self, name: str) -> str:
-        module = self._targets[name]
-        if isinstance(module, nn.Linear):
-            return f"Linear {module.in_features}→{module.out_features}"
-        kh, kw = module.kernel_size  # type: ignore[misc]
-        return f"Conv2d {module.in_channels}→{module.out_channels}, {kh}×{kw}"  # type: ignore[str-format]
 
     def layer(self, name: str, rank: ConvRank, *, scheme: str | None = None) -> nn.Module:
         """One low-rank replacement module for layer ``name`` at ``rank``, from cached factors."""
         scheme = self._scheme_for(name, scheme)
-        module = self._targets[name]
-        factors = self.factors(name, scheme)
-        if isinstance(module, nn.Linear):
-            return LowRankLinear.from_dense(module, int(rank), factors=factors)  # type: ignore[arg-type]
-        return LowRankConv2d.from_dense(module, rank, scheme=scheme, factors=factors)  # type: ignore[arg-type]
+        return self._kind(name).from_dense(self._targets[name], rank, scheme, self.factors(name, scheme))
 
     @torch.inference_mode(False)
     def build(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None) -> nn.Module:
@@ -289,11 +286,11 @@ class Decomposition:
 
 def factorize(model: nn.Module, ranks: Ranks, *, method: Method = "whitened",
               calibration: Iterable[Any] | None = None, forward: ForwardFn | None = None,
-              target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+              target_types: Sequence[type[nn.Module]] | None = None,
               target_modules: Patterns = None, exclude_modules: Patterns = None,
               conv_scheme: str | Mapping[str, str] = "channel",
               max_calibration_batches: int | None = None, ridge: float = 1e-6) -> nn.Module:
-    """Return a copy of ``model`` with its Linear/Conv2d layers replaced by low-rank layers.
+    """Return a copy of ``model`` with its supported layers replaced by low-rank layers.
 
     ``ranks``: one int for all target layers, a float fraction of each layer's full rank, or a
     map ``{module name: int | "dense"}`` (only the listed layers are decomposed). Everything

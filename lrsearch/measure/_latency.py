@@ -338,14 +338,10 @@ def _plan_measurements(decomposition: Decomposition, ranks: Mapping[str, Sequenc
         decomposition.scheme(name)  # raises UnknownLayerError with suggestions
     work: dict[str, dict[str, list[int]]] = {}
     for name in decomposition.targets:
-        default = decomposition.scheme(name)
-        layer_schemes = list((schemes or {}).get(name, [default]))
+        layer_schemes = list((schemes or {}).get(name, [decomposition.scheme(name)]))
         work[name] = {}
         for scheme in layer_schemes:
-            if default == "linear" and scheme != "linear":
-                raise ValueError(format_problem(f"Layer {name!r} is a Linear; it has no scheme {scheme!r}",
-                                                expected='["linear"]'))
-            decomposition.full_rank(name, scheme)  # raises on an unknown or unusable conv scheme
+            decomposition.full_rank(name, scheme)  # raises on a scheme the layer's kind lacks or cannot use
             if ranks is not None and name in ranks:
                 layer_ranks = list(dict.fromkeys(ranks[name]))
                 for rank in layer_ranks:
