@@ -4,7 +4,7 @@ Depends on torch only; never imports Optuna or Lightning.
 """
 
 from lrsearch.core._calibration import LayerStatistics, collect_statistics
-from lrsearch.core._conv import CONV_SCHEMES, LowRankConv2d
+from lrsearch.core._conv import CONV_SCHEMES, LowRankConv1d, LowRankConv2d
 from lrsearch.core._cost import (
     Cost,
     LayerGeometry,
@@ -43,6 +43,7 @@ __all__ = [
     "LayerGeometry",
     "LayerStatistics",
     "LowRankCheckpointMixin",
+    "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
     "MatrixFactors",
