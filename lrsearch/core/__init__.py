@@ -3,6 +3,7 @@
 Depends on torch only; never imports Optuna or Lightning.
 """
 
+from lrsearch.core._attention import LowRankMultiheadAttention
 from lrsearch.core._calibration import LayerStatistics, collect_statistics
 from lrsearch.core._conv import CONV_SCHEMES, LowRankConv1d, LowRankConv2d
 from lrsearch.core._cost import (
@@ -46,6 +47,7 @@ __all__ = [
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
+    "LowRankMultiheadAttention",
     "MatrixFactors",
     "TargetSelection",
     "TuckerFactors",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -25,13 +25,15 @@ from lrsearch._errors import (
 )
 from lrsearch.core._calibration import LayerStatistics, collect_statistics
 from lrsearch.core._conv import ConvRank
+from lrsearch.core._cost import macs_per_sample
+from lrsearch.core._coverage import Coverage
 from lrsearch.core._factors import TuckerFactors
 from lrsearch.core._geometry import LayerGeometry
 from lrsearch.core._kind import Factors, LayerKind
 from lrsearch.core._kinds import KINDS, kind_of, supported_labels
-from lrsearch.core._runtime import ForwardFn
-from lrsearch.core._surgery import clone_with
-from lrsearch.core._targets import Patterns, select_targets
+from lrsearch.core._runtime import ForwardFn, default_forward
+from lrsearch.core._surgery import clone_with, explicit_model
+from lrsearch.core._targets import Patterns, name_matches, select_targets
 
 __all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "factorize"]
 
@@ -82,10 +84,18 @@ class Decomposition:
         self.model = model
         self.method: Method = method
         self.ridge = float(ridge)
-        selection = select_targets(model, target_types=target_types, target_modules=target_modules,
+        explicit = explicit_model(model)
+        self._work, self._hosts = explicit.model, explicit.hosts
+        selection = select_targets(self._work, target_types=target_types, target_modules=target_modules,
                                    exclude_modules=exclude_modules)
-        self._skipped: dict[str, str] = dict(selection.skipped)
-        self._all_names = [name for name, _ in model.named_modules() if name]
+        self._skipped: dict[str, str] = {
+            name: reason for name, reason in explicit.skipped.items()
+            if (target_modules is None or name_matches(name, target_modules))
+            and not name_matches(name, exclude_modules)}
+        self._skipped.update(selection.skipped)
+        self._all_names = [name for name, _ in self._work.named_modules() if name]
+        self._forward = forward or default_forward
+        self._example: Any = None
         targets = selection.targets
         if layers is not None:
             for name in layers:
@@ -95,8 +105,9 @@ class Decomposition:
         self._stats: dict[str, LayerStatistics] = {}
         if calibration is not None:
             needs_gram = list(targets) if method == "whitened" else []
-            self._stats = collect_statistics(model, targets, calibration, covariance=needs_gram,
-                                             forward=forward, max_batches=max_calibration_batches)
+            self._stats = collect_statistics(self._work, targets, self._remember_first(calibration),
+                                             covariance=needs_gram, forward=forward,
+                                             max_batches=max_calibration_batches)
             for name, stats in self._stats.items():
                 if stats.calls == 0:
                     self._skipped[name] = ("its forward() never ran during calibration; its parent "
@@ -108,6 +119,13 @@ class Decomposition:
                 given="; ".join(f"{n}: {r}" for n, r in list(self._skipped.items())[:5]) or "no layers"))
         self._targets: dict[str, nn.Module] = targets
         self._factors: dict[tuple[str, str], Factors] = {}
+
+    def _remember_first(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Pass the calibration batches through, keeping the first for :meth:`coverage`'s MAC count."""
+        for batch in batches:
+            if self._example is None:
+                self._example = batch
+            yield batch
 
     def _resolve_schemes(self, conv_scheme: str | Mapping[str, str],
                          targets: Mapping[str, nn.Module]) -> dict[str, str]:
@@ -155,7 +173,7 @@ class Decomposition:
                 f"Layer {name!r} cannot be factorized: {self._skipped[name]}",
                 hint="leave it out of the rank map (it stays dense)."))
         if name in self._all_names:
-            module = self.model.get_submodule(name)
+            module = self._work.get_submodule(name)
             raise UnknownLayerError(format_problem(
                 f"Layer {name!r} ({type(module).__name__}) is not a target",
                 expected=f"a layer of a supported kind ({supported_labels()}) selected by "
@@ -167,6 +185,22 @@ class Decomposition:
             hint=f"did you mean {close}?" if close else f"target layers are {list(targets)[:8]}"))
 
     # ------------------------------------------------------------------ introspection
+    @property
+    def working_model(self) -> nn.Module:
+        """The model as decomposed: ``model`` itself, or (when it has ``nn.MultiheadAttention``
+        layers) a copy sharing every tensor with it whose attention layers are
+        :class:`LowRankMultiheadAttention` with dense projections, so that ``…attn.in_proj`` and
+        ``…attn.out_proj`` are modules. Target names refer to it; treat it as read-only."""
+        return self._work
+
+    def coverage(self) -> Coverage:
+        """Every parameter-holding module, classified, and the share of parameters (and of MACs per
+        sample, measured on the first calibration batch) that the search can change."""
+        total = None if self._example is None else macs_per_sample(self._work, self._example,
+                                                                    forward=self._forward)
+        return Coverage.of(self._work, targets={name: self.geometry(name) for name in self._targets},
+                           skipped=self._skipped, total_macs=total)
+
     @property
     def targets(self) -> tuple[str, ...]:
         """Dotted names of the layers this decomposition can factorize, in model order."""
@@ -280,8 +314,22 @@ class Decomposition:
         inside ``torch.inference_mode()``.
         """
         plan = self.resolve(ranks, schemes=schemes)
-        replacements = {name: self.layer(name, rank, scheme=scheme) for name, (scheme, rank) in plan.items()}
-        return clone_with(self.model, replacements)
+        layers = {name: self.layer(name, rank, scheme=scheme) for name, (scheme, rank) in plan.items()}
+        return clone_with(self.model, self._hosted(layers))
+
+    def _hosted(self, layers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        """Replacements for ``model``: a layer inside a converted host goes into a fresh copy of the host."""
+        replacements: dict[str, nn.Module] = {}
+        for name, layer in layers.items():
+            host_name, _, child = name.rpartition(".")
+            if host_name not in self._hosts:
+                replacements[name] = layer
+                continue
+            if host_name not in replacements:
+                replacements[host_name] = self._hosts[host_name].convert(self.model.get_submodule(host_name),
+                                                                         share=False)
+            setattr(replacements[host_name], child, layer)
+        return replacements
 
 
 def factorize(model: nn.Module, ranks: Ranks, *, method: Method = "whitened",

@@ -26,7 +26,7 @@ from lrsearch.core._geometry import Cost, LayerGeometry
 from lrsearch.core._linear import check_rank
 from lrsearch.core._statistics import LayerStatistics
 
-__all__ = ["Factors", "LayerKind"]
+__all__ = ["Factors", "HostKind", "LayerKind"]
 
 Factors = MatrixFactors | TuckerFactors
 
@@ -149,6 +149,39 @@ class LayerKind(ABC):
 
         Raises ``ValueError`` when the entry does not fit ``dense``.
         """
+
+
+class HostKind(ABC):
+    """A module lrsearch does not factorize itself but converts, so its sublayers become targets.
+
+    ``nn.MultiheadAttention`` reads its projection weights directly; its explicit form calls
+    them as modules. Decomposition works on a copy of the model whose hosts are converted
+    (sharing every tensor), and a built model converts only the hosts it factorizes.
+    """
+
+    label: ClassVar[str]
+    recipe_type: ClassVar[str]
+    explicit_type: ClassVar[type[nn.Module]]
+
+    @abstractmethod
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is of this kind (subclasses included; see :meth:`unsupported_reason`)."""
+
+    @abstractmethod
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why the host cannot be converted exactly (it then stays as it is), or None."""
+
+    @abstractmethod
+    def convert(self, module: nn.Module, *, share: bool) -> nn.Module:
+        """The explicit equivalent; ``share=True`` reuses the host's tensors instead of copying them."""
+
+    @abstractmethod
+    def recipe_entry(self, explicit: nn.Module) -> dict[str, Any]:
+        """The JSON recipe entry of a converted host."""
+
+    @abstractmethod
+    def rebuild(self, dense: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
+        """An untrained explicit form of ``dense`` as ``entry`` describes it (``ValueError`` if it does not fit)."""
 
 
 def check_entry(entry: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:

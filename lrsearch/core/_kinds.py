@@ -11,13 +11,16 @@ from collections import Counter
 
 from torch import nn
 
-from lrsearch.core._kind import LayerKind
+from lrsearch.core._kind import HostKind, LayerKind
+from lrsearch.core._kind_attention import ATTENTION
 from lrsearch.core._kind_conv import CONV1D, CONV2D
 from lrsearch.core._kind_linear import HF_CONV1D, LINEAR
 
-__all__ = ["KINDS", "describe_contents", "kind_for_low_rank", "kind_named", "kind_of", "supported_labels"]
+__all__ = ["HOSTS", "KINDS", "describe_contents", "host_for_explicit", "host_of", "kind_for_low_rank",
+           "kind_named", "kind_of", "supported_labels"]
 
 KINDS: tuple[LayerKind, ...] = (LINEAR, HF_CONV1D, CONV1D, CONV2D)
+HOSTS: tuple[HostKind, ...] = (ATTENTION,)
 _BY_NAME = {kind.name: kind for kind in KINDS}
 
 
@@ -38,9 +41,19 @@ def kind_for_low_rank(module: nn.Module) -> LayerKind | None:
     return next((kind for kind in KINDS if type(module) is kind.low_rank_type), None)
 
 
+def host_of(module: nn.Module) -> HostKind | None:
+    """The host kind ``module`` belongs to (its sublayers become targets once converted), or None."""
+    return next((host for host in HOSTS if host.matches(module)), None)
+
+
+def host_for_explicit(module: nn.Module) -> HostKind | None:
+    """The host kind whose converted form ``module`` is, or None."""
+    return next((host for host in HOSTS if type(module) is host.explicit_type), None)
+
+
 def supported_labels() -> str:
-    """``"Linear, transformers Conv1D, Conv1d, Conv2d"``: for messages."""
-    return ", ".join(kind.label for kind in KINDS)
+    """``"Linear, transformers Conv1D, Conv1d, Conv2d, MultiheadAttention projections"``: for messages."""
+    return ", ".join([*(kind.label for kind in KINDS), *(f"{host.label} projections" for host in HOSTS)])
 
 
 def describe_contents(model: nn.Module) -> str:

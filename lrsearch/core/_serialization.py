@@ -29,7 +29,7 @@ from torch import nn
 from lrsearch._atomic import atomic_write_bytes, atomic_write_json
 from lrsearch._errors import RecipeError, format_problem
 from lrsearch._version import __version__
-from lrsearch.core._kinds import KINDS, kind_for_low_rank, kind_of
+from lrsearch.core._kinds import HOSTS, KINDS, host_for_explicit, host_of, kind_for_low_rank, kind_of
 from lrsearch.core._surgery import install
 
 __all__ = [
@@ -55,7 +55,7 @@ def get_recipe(model: nn.Module) -> dict[str, Any]:
     """The JSON-serializable structure of every low-rank layer in ``model`` (primitive types only)."""
     layers: dict[str, Any] = {}
     for name, module in model.named_modules():
-        kind = kind_for_low_rank(module)
+        kind = kind_for_low_rank(module) or host_for_explicit(module)
         if kind is not None:
             layers[name] = kind.recipe_entry(module)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "lrsearch_version": __version__,
@@ -78,30 +78,42 @@ def _check_recipe(recipe: Any, *, source: str) -> Mapping[str, Any]:
 
 
 def _plan(model: nn.Module, layers: Mapping[str, Any], *, source: str) -> dict[str, nn.Module]:
-    """Validate every recipe entry against ``model`` and build (not install) the replacements."""
+    """Validate every recipe entry against ``model`` and build (not install) the replacements.
+
+    Entries are planned outer first: a layer inside a converted host (``attn.in_proj`` inside
+    ``attn``) is put into the host's replacement, so the plan holds top-level replacements only.
+    """
     modules = dict(model.named_modules())
     plan: dict[str, nn.Module] = {}
-    for name, entry in layers.items():
+    for name in sorted(layers, key=lambda layer: layer.count(".")):
+        entry = layers[name]
         if name not in modules:
             raise RecipeError(format_problem(
                 f"{source} names layer {name!r}, which the model does not have",
                 hint="pass a fresh instance of the architecture that was compressed."))
         dense = modules[name]
         try:
-            plan[name] = _replacement(dense, entry)
+            replacement = _replacement(dense, entry)
         except (KeyError, TypeError, ValueError) as error:
             raise RecipeError(format_problem(
                 f"{source} entry for layer {name!r} does not fit the model: {error}",
                 given=f"{type(dense).__name__} in the model, recipe entry {entry!r}",
                 hint="pass a fresh instance of the architecture that was compressed.")) from error
+        owner = next((outer for outer in plan if name.startswith(outer + ".")), None)
+        if owner is None:
+            plan[name] = replacement
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(plan[owner].get_submodule(parent[len(owner) + 1:]), child, replacement)
+        modules.update({f"{name}.{sub}" if sub else name: module for sub, module in replacement.named_modules()})
     return plan
 
 
 def _replacement(dense: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
-    fitting = [kind.label for kind in KINDS if kind.recipe_type == entry["type"]]
+    fitting = [kind.label for kind in (*KINDS, *HOSTS) if kind.recipe_type == entry["type"]]
     if not fitting:
         raise ValueError(f"unknown layer type {entry['type']!r}")
-    kind = kind_of(dense)
+    kind = kind_of(dense) or host_of(dense)
     if kind is None or kind.recipe_type != entry["type"]:
         raise TypeError(f"expected {' or '.join(fitting)} for a {entry['type']!r} entry, "
                         f"found {type(dense).__name__}")

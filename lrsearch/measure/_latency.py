@@ -360,7 +360,8 @@ def build_latency_table(decomposition: Decomposition, example_batch: Any, *, bat
                         progress: Callable[[int, int], None] | None = None) -> LatencyTable:
     """Time the dense model and every target layer, dense and at each candidate rank.
 
-    Works on a deep copy of ``decomposition.model`` moved to ``device``; the user's model is
+    Works on a deep copy of ``decomposition.working_model`` (the model, with any
+    ``nn.MultiheadAttention`` in its explicit form) moved to ``device``; the user's model is
     never moved or changed. ``example_batch`` is cycled or cut along dim 0 to ``batch_size``
     (default: its own size), since per-layer speedups depend strongly on the batch size.
     Each layer is timed on the input it really receives in one forward pass.
@@ -401,7 +402,7 @@ def build_latency_table(decomposition: Decomposition, example_batch: Any, *, bat
             progress(done, total)
         return seconds
 
-    model = copy.deepcopy(decomposition.model).to(device).eval()
+    model = copy.deepcopy(decomposition.working_model).to(device).eval()
     batch = move_to_device(_resize(example_batch, size, batch_size), device)
     torch.set_num_threads(threads)
     try:
