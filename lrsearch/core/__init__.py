@@ -18,7 +18,8 @@ from lrsearch.core._cost import (
     full_rank,
     macs_per_sample,
 )
-from lrsearch.core._decomposition import DENSE, Decomposition, factorize
+from lrsearch.core._coverage import Coverage, ModuleCoverage
+from lrsearch.core._decomposition import DENSE, Decomposition, coverage, factorize
 from lrsearch.core._factors import MatrixFactors, TuckerFactors, matrix_factors, tucker2_factors
 from lrsearch.core._linear import LowRankLinear
 from lrsearch.core._runtime import default_forward, evaluating
@@ -39,6 +40,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "CONV_SCHEMES",
     "Cost",
+    "Coverage",
     "DENSE",
     "Decomposition",
     "LayerGeometry",
@@ -49,6 +51,7 @@ __all__ = [
     "LowRankLinear",
     "LowRankMultiheadAttention",
     "MatrixFactors",
+    "ModuleCoverage",
     "TargetSelection",
     "TuckerFactors",
     "apply_recipe",
@@ -57,6 +60,7 @@ __all__ = [
     "collect_statistics",
     "count_macs",
     "count_params",
+    "coverage",
     "default_forward",
     "dense_cost",
     "evaluating",

@@ -35,7 +35,7 @@ from lrsearch.core._runtime import ForwardFn, default_forward
 from lrsearch.core._surgery import clone_with, explicit_model
 from lrsearch.core._targets import Patterns, name_matches, select_targets
 
-__all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "factorize"]
+__all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "coverage", "factorize"]
 
 DENSE = "dense"
 Method = Literal["svd", "whitened"]
@@ -357,3 +357,20 @@ def factorize(model: nn.Module, ranks: Ranks, *, method: Method = "whitened",
                                   conv_scheme=conv_scheme,
                                   max_calibration_batches=max_calibration_batches, ridge=ridge)
     return decomposition.build(ranks)
+
+
+def coverage(model: nn.Module, example_batch: Any = None, *, forward: ForwardFn | None = None,
+             target_types: Sequence[type[nn.Module]] | None = None, target_modules: Patterns = None,
+             exclude_modules: Patterns = None) -> Coverage:
+    """What the rank search could change in ``model``: every parameter-holding module, classified.
+
+    With ``example_batch`` (one batch, fed like calibration batches) the MAC shares are
+    measured too and layers that never run are found. Raises :class:`NoMatchingModuleError`
+    (saying what the model holds instead) when nothing can be factorized. Equivalent to
+    ``Decomposition(model, method="svd", calibration=[example_batch], ...).coverage()``.
+    """
+    decomposition = Decomposition(model, method="svd", forward=forward,
+                                  calibration=None if example_batch is None else [example_batch],
+                                  target_types=target_types, target_modules=target_modules,
+                                  exclude_modules=exclude_modules)
+    return decomposition.coverage()
