@@ -47,7 +47,8 @@ class Coverage:
     """Every parameter-holding module of a model, classified, with the shares the search can change.
 
     ``total_macs`` is the whole model's multiply-adds per sample measured by torch's FLOP
-    counter on a calibration batch (None without calibration data).
+    counter on a calibration batch (None without calibration data). The counter skips kernels
+    it does not know (on CPU: fused attention, LSTMs), so ``mac_share`` is an upper bound there.
     """
 
     model: str
