@@ -234,3 +234,14 @@ def test_search_runs_on_a_bert_classifier_without_hooks(tmp_path: Path) -> None:
     assert "bert.encoder.layer.0.attention.self.query" in result.space.layers
     assert result.best is not None and result.best.macs < result.dense["macs"]
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_search_runs_on_gpt2_without_hooks(tmp_path: Path) -> None:
+    """GPT-2's transformers Conv1D layers are searched, scored by next-token accuracy, with no hooks."""
+    model, batches = gpt2(), token_batches(labels=False)
+    result = lrsearch.search(model, batches, run_dir=str(tmp_path), n_trials=3, objective="macs")
+    assert result.baseline == pytest.approx(Evaluator(batches).evaluate(model).value)
+    assert "transformer.h.0.attn.c_attn" in result.space.layers
+    assert result.best is not None and result.best.macs < result.dense["macs"]
