@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from lrsearch.core import Decomposition, dense_cost, factorized_cost
 from lrsearch.measure import Evaluation, Evaluator, LatencyTable
 from lrsearch.study._abort import drop_is_hopeless
-from lrsearch.study._space import SearchSpace, param_name
+from lrsearch.study._space import SearchSpace
 
 __all__ = ["CONSTRAINT", "Objective", "PlanCosts"]
 
@@ -81,8 +81,8 @@ class Objective:
         return self.baseline.value - value if self.higher_is_better else value - self.baseline.value
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        params = {name: trial.suggest_categorical(name, layer_choices)
-                  for name, layer_choices in self._choices().items()}
+        params = {name: trial.suggest_categorical(name, distribution.choices)
+                  for name, distribution in self.space.distributions().items()}
         twin = self._finished_twin(trial, params)
         if twin is not None:
             return self._replay(trial, twin)
@@ -113,9 +113,6 @@ class Objective:
         self._record(trial, value=result.value, drop=drop, samples=result.samples, aborted=False)
         cost = figures[self.objective]
         return (cost, drop) if self.two_objectives else cost
-
-    def _choices(self) -> dict[str, list[Any]]:
-        return {param_name(name): list(layer.choices) for name, layer in self.space.layers.items()}
 
     def _record(self, trial: optuna.Trial, *, value: float, drop: float, samples: int, aborted: bool) -> None:
         _constrain(trial, drop - self.allowed_drop)

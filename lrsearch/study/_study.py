@@ -182,7 +182,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
                                     directions=directions, load_if_exists=True)
         table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
-        space = _space(decomposition, config, table)
+        space = _space(decomposition, config, table).matching(study.get_trials(deepcopy=False))
         costs = PlanCosts(decomposition, dense_params=count_params(model),
                           dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
         dense = costs({})
