@@ -11,16 +11,19 @@ the objective mirrors (see :mod:`lrsearch.study._objective`), with or without th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 from optuna.storages import BaseStorage
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["dashboard_app", "dashboard_server", "feasible_best_trials", "publish_plots", "serve_dashboard"]
+from lrsearch.study._figures import TrialPoint, cost_axis, pareto_figure, rank_rows, ranks_figure, stopped_note
+
+__all__ = ["dashboard_app", "dashboard_server", "feasible_best_trials", "publish_plots", "serve_dashboard",
+           "trial_points"]
 
 PARETO_ID = "lrsearch-pareto"
 RANKS_ID = "lrsearch-ranks"
@@ -90,35 +93,41 @@ def serve_dashboard(storage: BaseStorage, *, host: str = "127.0.0.1", port: int 
         server.serve_forever()
 
 
-def publish_plots(study: optuna.Study, *, cost_key: str, cost_label: str, allowed_drop: float,
-                  best: FrozenTrial | None, full_ranks: Mapping[str, int]) -> list[str]:
-    """Save the Pareto and per-layer rank figures into the study; returns the ids saved.
+def publish_plots(study: optuna.Study, *, objective: str, metric: str, budget: str, allowed_drop: float,
+                  front: Sequence[int], dense_cost: float | None, full_ranks: Mapping[str, Any]) -> list[str]:
+    """Save the Pareto and per-layer rank figures (:mod:`lrsearch.study._figures`) into the study.
 
-    Returns an empty list when plotly or optuna-dashboard is not installed (the
-    ``dashboard`` extra): the search itself does not need them.
+    ``front`` is the feasible Pareto set by trial number, cheapest first (``SearchResult.pareto``);
+    its first trial's ranks are charted. ``dense_cost`` is the dense model's cost in the study's
+    unit (for latency, the table's prediction). Returns the ids saved: none when plotly or
+    optuna-dashboard is not installed (the ``dashboard`` extra), which the search does not need.
     """
     try:
-        import plotly.graph_objects as go
         from optuna_dashboard import save_plotly_graph_object
     except ImportError:
         return []
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not any(cost_key in t.user_attrs and "drop" in t.user_attrs for t in complete):
+    points = trial_points(study, objective)
+    if not points:
         return []
-    pareto = optuna.visualization.plot_pareto_front(
-        study, targets=lambda t: (t.user_attrs.get(cost_key, float("nan")), t.user_attrs.get("drop", float("nan"))),
-        target_names=[cost_label, "accuracy drop"])
-    pareto.add_hline(y=allowed_drop, line_dash="dash", annotation_text="budget")
-    pareto.update_layout(title="Cost vs accuracy drop (infeasible trials greyed)")
+    title, scale = cost_axis(objective)
+    stopped = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+    pareto = pareto_figure(points, front=set(front), allowed_drop=allowed_drop, budget=budget, cost_title=title,
+                           metric=metric, dense_cost=None if dense_cost is None else dense_cost * scale,
+                           note=stopped_note(stopped))
     saved = [save_plotly_graph_object(study, pareto, graph_object_id=PARETO_ID)]
-    if best is not None:
-        ranks = best.user_attrs.get("ranks", {})
-        names = list(full_ranks)
-        chosen = [ranks.get(name, full_ranks[name]) for name in names]
-        chosen = [max(r) if isinstance(r, list) else r for r in chosen]
-        figure = go.Figure([go.Bar(name="full rank", x=names, y=[full_ranks[n] for n in names]),
-                            go.Bar(name=f"chosen (trial {best.number})", x=names, y=chosen)])
-        figure.update_layout(barmode="overlay", title="Rank per layer of the best feasible trial",
-                             yaxis_title="rank")
+    if front:
+        best = study.get_trials(deepcopy=False)[front[0]]
+        rows = list(rank_rows(best.user_attrs.get("ranks", {}), full_ranks, list(full_ranks)))
+        title = f"Rank per layer of the cheapest trial within the budget (trial {best.number})"
+        figure = ranks_figure(rows, title=title)
         saved.append(save_plotly_graph_object(study, figure, graph_object_id=RANKS_ID))
     return saved
+
+
+def trial_points(study: optuna.Study, objective: str) -> list[TrialPoint]:
+    """The complete trials with a cost and a drop, cost in the figures' unit (latency in ms)."""
+    _, scale = cost_axis(objective)
+    return [TrialPoint(t.number, t.user_attrs[objective] * scale, t.user_attrs["drop"],
+                       bool(t.user_attrs.get("feasible")))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if objective in t.user_attrs and "drop" in t.user_attrs]

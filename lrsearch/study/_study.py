@@ -203,9 +203,10 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                     show_progress_bar=show_progress_bar)
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
-        full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
-        publish_plots(study, cost_key=config.objective, cost_label=config.objective, allowed_drop=allowed,
-                      best=study.trials[best.trial] if best else None, full_ranks=full_ranks)
+        publish_plots(study, objective=config.objective, metric=metric_name or _metric_label(metric),
+                      budget=str(budget), allowed_drop=allowed, front=[c.trial for c in pareto],
+                      dense_cost=dense.get(config.objective),
+                      full_ranks={name: decomposition.full_rank(name) for name in space.layers})
         result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
                               baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
                               pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
@@ -362,10 +363,6 @@ def _no_traceback_for_interrupts() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(quiet)
-
-
-def _max_rank(rank: Any) -> int:
-    return max(rank) if isinstance(rank, tuple) else int(rank)
 
 
 def _metric_label(metric: Any) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
-from pathlib import Path
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
@@ -17,10 +16,11 @@ import optuna
 import optuna_dashboard
 import pytest
 import torch
+from optuna.storages import BaseStorage
 from torch import nn
 
-from lrsearch.study import CONSTRAINT, search
-from lrsearch.study._dashboard import dashboard_app, dashboard_server
+from lrsearch.study import CONSTRAINT, SearchResult, search
+from lrsearch.study._dashboard import PARETO_ID, RANKS_ID, dashboard_app, dashboard_server
 from lrsearch.study._objective import _constrain
 
 
@@ -82,24 +82,50 @@ def test_two_objectives_best_trials_are_the_feasible_front() -> None:
     assert numbers(study_answer(dashboard_app(storage), storage, "s")["best_trials"]) == [1, 2]
 
 
-def test_a_search_shows_its_constraints_and_a_feasible_best(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[SearchResult, BaseStorage, dict[str, Any]]:
+    """A small search whose budget some trials break, and the dashboard's answer about its study."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
     x = torch.randn(512, 16)
     y = model(x).argmax(1)  # the model is right on every sample: any change costs accuracy
     data = [(x[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
-    result = search(model, data, budget="0.5%", run_dir=str(tmp_path), objective="macs", n_trials=8, seed=0)
+    # No early abort: over-budget trials complete, so the Pareto figure has some to draw.
+    result = search(model, data, budget="0.5%", run_dir=str(tmp_path_factory.mktemp("search")), objective="macs",
+                    n_trials=8, seed=0, early_abort=False)
     storage = optuna.storages.RDBStorage(result.storage)
-    answer = study_answer(dashboard_app(storage), storage, result.study_name)
+    return result, storage, study_answer(dashboard_app(storage), storage, result.study_name)
+
+
+def test_a_search_shows_its_constraints_and_a_feasible_best(searched) -> None:
+    result, storage, answer = searched
     study = optuna.load_study(study_name=result.study_name, storage=storage)
     finished = [t for t in study.trials if CONSTRAINT in t.constraints]
-    assert any(t.constraints[CONSTRAINT] > 0 for t in finished) and any(t.constraints[CONSTRAINT] <= 0 for t in finished)
+    assert {t.constraints[CONSTRAINT] > 0 for t in finished} == {True, False}  # over and within the budget
     shown = {t["number"]: t["constraints"] for t in answer["trials"]}
     for trial in finished:
         assert shown[trial.number] == [trial.constraints[CONSTRAINT]]
     assert result.best is not None
     assert numbers(answer["best_trials"]) == [result.best.trial]
     assert all(c <= 0 for c in answer["best_trials"][0]["constraints"])
+
+
+def test_the_dashboard_shows_the_search_front_with_units(searched) -> None:
+    result, storage, answer = searched
+    figures = {item["id"]: json.loads(item["graph_object"]) for item in answer["plotly_graph_objects"]}
+    assert set(figures) == {PARETO_ID, RANKS_ID}
+    pareto = {trace["name"]: trace for trace in figures[PARETO_ID]["data"]}
+    assert pareto["feasible front"]["customdata"] == [c.trial for c in result.pareto]
+    feasible = {t.number for t in optuna.load_study(study_name=result.study_name, storage=storage).trials
+                if t.user_attrs.get("feasible")}
+    assert set(pareto["feasible front"]["customdata"]) <= feasible
+    assert pareto["over budget"]["customdata"] and set(pareto["over budget"]["customdata"]).isdisjoint(feasible)
+    assert pareto["dense model"]["x"][0] == result.dense["macs"]
+    layout = figures[PARETO_ID]["layout"]
+    assert layout["xaxis"]["title"]["text"] == "MACs per sample"
+    assert layout["yaxis"]["title"]["text"] == "accuracy drop (points)"
+    ranks = {trace["name"]: trace for trace in figures[RANKS_ID]["data"]}
+    assert ranks["chosen rank"]["y"] == list(result.space.layers)
 
 
 def test_served_over_http_on_localhost() -> None:
