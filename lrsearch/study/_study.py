@@ -42,6 +42,7 @@ from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
+from lrsearch.study._stored_table import store_latency_table, stored_latency_table
 from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, sqlite_url
 from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
 
@@ -398,9 +399,9 @@ def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: De
     """The study's latency table; measured (or reused from the run folder) only if the study has none."""
     if config.objective != "latency":
         return None
-    stored = study.user_attrs.get(ATTR + "latency_table")
+    stored = stored_latency_table(study)
     if stored is not None:
-        return LatencyTable.from_dict(stored)
+        return stored
     threads = config.threads or torch.get_num_threads()
     batch_size = config.batch_size or batch_size_of(batches[0])
     geometries = {name: decomposition.geometry(name).to_dict() for name in decomposition.targets}
@@ -418,10 +419,10 @@ def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: De
         table.save(path)
     # Another worker may have stored its table while this one measured: the first stored wins, so
     # every worker offers the same rank choices (Optuna refuses a parameter whose choices differ).
-    stored = study.user_attrs.get(ATTR + "latency_table")
+    stored = stored_latency_table(study)
     if stored is not None:
-        return LatencyTable.from_dict(stored)
-    study.set_user_attr(ATTR + "latency_table", table.to_dict())
+        return stored
+    store_latency_table(study, table)
     return table
 
 
