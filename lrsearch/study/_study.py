@@ -42,8 +42,8 @@ from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
-from lrsearch.study._stored_table import store_latency_table, stored_latency_table
 from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, sqlite_url
+from lrsearch.study._stored_table import store_latency_table, stored_latency_table
 from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
 
 __all__ = ["Candidate", "SearchResult", "search"]
