@@ -222,7 +222,7 @@ class Report:
         """The final configuration's rank per layer against the layer's full rank."""
         assert self.final is not None, "drawn only for a report with a final configuration"
         rows = list(rank_rows(self.final.attempt.ranks, self.final.full_ranks, self.layers))
-        return ranks_figure(rows, title=f"Chosen rank per layer (trial {plain(self.final.attempt.trial)})")
+        return ranks_figure(rows, title=f"Ranks of trial {plain(self.final.attempt.trial)}")
 
     def search_sentence(self) -> str:
         """How many trials the search ran and how they ended; empty when the report does not say."""

@@ -118,8 +118,8 @@ def publish_plots(study: optuna.Study, *, objective: str, metric: str, budget: s
     if front:
         best = study.get_trials(deepcopy=False)[front[0]]
         rows = list(rank_rows(best.user_attrs.get("ranks", {}), full_ranks, list(full_ranks)))
-        title = f"Rank per layer of the cheapest trial within the budget (trial {best.number})"
-        figure = ranks_figure(rows, title=title)
+        figure = ranks_figure(rows, title=f"Ranks of trial {best.number}",
+                              subtitle="the cheapest trial within the budget")
         saved.append(save_plotly_graph_object(study, figure, graph_object_id=RANKS_ID))
     return saved
 

@@ -54,11 +54,14 @@ class RankRow:
     dense: bool
 
 
-def _layout(figure: go.Figure, *, title: str, xaxis: str, yaxis: str, height: int) -> go.Figure:
+def _layout(figure: go.Figure, *, title: str, xaxis: str, yaxis: str, height: int,
+            legend_below: bool = True) -> go.Figure:
     grid = {"showgrid": True, "gridcolor": "#e5e5e5", "zeroline": False, "automargin": True}
-    figure.update_layout(template="none", title={"text": title, "x": 0.01}, height=height,
-                         margin={"l": 70, "r": 20, "t": 50, "b": 60},
-                         legend={"orientation": "h", "y": -0.2, "x": 0},
+    # The title hangs from the top edge (two lines fit above the plot), left of the toolbar.
+    figure.update_layout(template="none", height=height, margin={"l": 70, "r": 20, "t": 90, "b": 60},
+                         title={"text": title, "x": 0.01, "xanchor": "left", "y": 1, "yref": "container",
+                                "yanchor": "top", "pad": {"t": 12}},
+                         legend={"orientation": "h", "y": -0.2, "x": 0} if legend_below else {"x": 1.02, "y": 1},
                          xaxis={"title": {"text": xaxis}, **grid}, yaxis={"title": {"text": yaxis}, **grid})
     return figure
 
@@ -120,7 +123,7 @@ def pareto_figure(points: Sequence[TrialPoint], *, front: Collection[int], allow
         figure.add_trace(go.Scatter(x=[dense_cost] * 2, y=[min(drops), max(drops)], mode="lines",
                                     name="dense model", hoverinfo="skip",
                                     line={"color": DENSE_GREY, "dash": "dot", "width": 1.5}))
-    title = "Cost against accuracy drop of the complete trials" + (f"<br><sup>{note}</sup>" if note else "")
+    title = "Cost against accuracy drop" + (f"<br><sup>{note}</sup>" if note else "")
     return _layout(figure, title=title, xaxis=cost_title, yaxis=f"{metric} drop (points)", height=480)
 
 
@@ -145,23 +148,31 @@ def rank_rows(ranks: Mapping[str, Any], full: Mapping[str, Any], names: Sequence
             yield RankRow(name, limit if dense else as_int(chosen), limit, dense)
 
 
-def ranks_figure(rows: Sequence[RankRow], *, title: str) -> go.Figure:
+def ranks_figure(rows: Sequence[RankRow], *, title: str, subtitle: str = "") -> go.Figure:
     """Each row's chosen rank as a share of its full rank; the bars are labelled ``chosen / full``."""
     import plotly.graph_objects as go
 
-    labels = [row.label for row in rows]
-    shares = [100.0 * row.chosen / row.full if row.chosen is not None and row.full else 0.0 for row in rows]
-    text = [f"dense ({row.full})" if row.dense else f"{_text(row.chosen)} / {_text(row.full)}" for row in rows]
+    def bars(chosen: Sequence[RankRow], **style: Any) -> go.Bar:
+        return go.Bar(y=[row.label for row in chosen], orientation="h", textposition="outside",
+                      x=[100.0 * row.chosen / row.full if row.chosen is not None and row.full else 0.0 for row in chosen],
+                      text=[f"dense ({row.full})" if row.dense else f"{_text(row.chosen)} / {_text(row.full)}"
+                            for row in chosen], hovertemplate="%{y}: %{text}<extra></extra>", **style)
+
     figure = go.Figure([
-        go.Bar(y=labels, x=[100.0 if row.full else 0.0 for row in rows], orientation="h", name="full rank",
-               marker={"color": FULL_GREY, "line": {"color": "#bbbbbb", "width": 1}}, hoverinfo="skip"),
-        go.Bar(y=labels, x=shares, orientation="h", name="chosen rank", text=text, textposition="outside",
-               marker={"color": [DENSE_GREY if row.dense else WITHIN for row in rows]},
-               hovertemplate="%{y}: %{text}<extra></extra>"),
+        go.Bar(y=[row.label for row in rows], x=[100.0 if row.full else 0.0 for row in rows], orientation="h",
+               name="full rank", marker={"color": FULL_GREY, "line": {"color": "#bbbbbb", "width": 1}},
+               hoverinfo="skip"),
+        bars([row for row in rows if not row.dense], name="chosen rank", marker={"color": WITHIN}),
+        bars([row for row in rows if row.dense], name="kept dense", marker={"color": DENSE_GREY}),
     ])
-    figure.update_layout(barmode="overlay", yaxis={"autorange": "reversed"}, xaxis={"range": [0, 125]})
-    return _layout(figure, title=title, xaxis="chosen rank (% of the layer's full rank; labels: chosen / full)",
-                   yaxis="layer", height=max(220, 28 * len(rows) + 140))
+    # Layer names such as "0" and "2" (an nn.Sequential) must stay names, not become a numeric axis.
+    figure.update_layout(barmode="overlay", xaxis={"range": [0, 125]},
+                         yaxis={"autorange": "reversed", "type": "category",
+                                "categoryorder": "array", "categoryarray": [row.label for row in rows]})
+    heading = title + (f"<br><sup>{subtitle}</sup>" if subtitle else "")
+    # The legend sits right of the bars: below them, a short figure would put it over the axis title.
+    return _layout(figure, title=heading, xaxis="chosen rank (% of the layer's full rank; labels: chosen / full)",
+                   yaxis="layer", height=max(220, 28 * len(rows) + 150), legend_below=False)
 
 
 def _text(value: int | None) -> str:

@@ -41,7 +41,7 @@ def store_latency_table(study: optuna.Study, table: LatencyTable) -> None:
     study._storage.set_study_system_attr(study._study_id, TABLE_ATTR,
                                          {"encoding": ENCODING, "sha256": digest, "data": packed})
     study.set_user_attr(TABLE_ATTR, {
-        "stored": f"study system attr {TABLE_ATTR!r} ({ENCODING}, {len(packed):,} characters)", "sha256": digest,
+        "stored_in": "study system attrs", "sha256": digest,
         "device": table.device, "threads": table.threads, "batch_size": table.batch_size,
         "layers": len(table.layers), "dense_model_ms": round(table.dense_model * 1e3, 4)})
 

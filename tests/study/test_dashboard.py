@@ -125,7 +125,7 @@ def test_the_dashboard_shows_the_search_front_with_units(searched) -> None:
     assert layout["xaxis"]["title"]["text"] == "MACs per sample"
     assert layout["yaxis"]["title"]["text"] == "accuracy drop (points)"
     ranks = {trace["name"]: trace for trace in figures[RANKS_ID]["data"]}
-    assert ranks["chosen rank"]["y"] == list(result.space.layers)
+    assert ranks["full rank"]["y"] == list(result.space.layers)
 
 
 def test_served_over_http_on_localhost() -> None:

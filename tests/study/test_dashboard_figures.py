@@ -49,6 +49,9 @@ def test_rank_rows_and_figure_show_chosen_against_full() -> None:
                           ["a", "conv", "c", "d"]))
     assert rows == [RankRow("a", 8, 64, False), RankRow("conv (in)", 4, 16, False),
                     RankRow("conv (out)", 12, 32, False), RankRow("c", 10, 10, True), RankRow("d", 20, 20, True)]
-    chosen = traces(ranks_figure(rows, title="t"))["chosen rank"]
-    assert list(chosen.x) == [12.5, 25.0, 37.5, 100.0, 100.0]
-    assert list(chosen.text) == ["8 / 64", "4 / 16", "12 / 32", "dense (10)", "dense (20)"]
+    named = traces(ranks_figure(rows, title="t"))
+    assert list(named["chosen rank"].x) == [12.5, 25.0, 37.5]
+    assert list(named["chosen rank"].text) == ["8 / 64", "4 / 16", "12 / 32"]
+    assert list(named["kept dense"].y) == ["c", "d"] and list(named["kept dense"].text) == ["dense (10)", "dense (20)"]
+    assert named["kept dense"].marker.color != named["chosen rank"].marker.color
+    assert list(named["full rank"].x) == [100.0] * 5
