@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 __all__ = ["Attempt", "Final", "ModelFigures", "Report", "TrialCounts", "change", "drop_cell", "drop_note",
-           "interval_text",
-           "ms", "percent", "plain", "points", "rank_text", "ranks_text", "ratio", "times", "undecided_warning"]
+           "interval_text", "ms", "percent", "plain", "points", "rank_text", "ranks_text", "ratio", "times",
+           "undecided_warning"]
 
 MISSING = "—"
 

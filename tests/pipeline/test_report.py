@@ -325,6 +325,7 @@ def test_missing_and_odd_optional_values_render(tmp_path: Path) -> None:
     assert summary.count("features.0 6/16") == 1
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_without_plotly_the_page_says_so_and_still_renders(tmp_path: Path) -> None:
     script = (
         "import sys, json, pathlib\n"
