@@ -13,13 +13,13 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lrsearch._errors import RunFolderInUseError, format_problem
 
-__all__ = ["LOCK_NAME", "file_lock", "run_lock"]
+__all__ = ["LOCK_NAME", "file_lock", "presence", "run_lock"]
 
 LOCK_NAME = ".lrsearch.lock"
 
@@ -35,19 +35,23 @@ def _holder(path: Path) -> str:
     return f"PID {pid} on {host.strip()}" if pid.isdigit() and host.strip() else "another process"
 
 
-def _open_locked(path: Path, *, wait: bool) -> int | None:
-    """A descriptor holding an exclusive flock on ``path`` (created if need be); None if taken and not ``wait``."""
+def _open_locked(path: Path, *, wait: bool, shared: bool = False) -> int | None:
+    """A descriptor holding a flock on ``path`` (created if need be); None if taken and not ``wait``.
+
+    Exclusive unless ``shared``; an exclusive holder writes its PID and host into the file.
+    """
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
             # The previous holder removes the file on release: if it did so after we opened it,
             # we locked a file nobody else can find, so start again on the one at the path.
             opened, current = os.fstat(fd), os.stat(path)
             if (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino):
-                with contextlib.suppress(OSError):  # only informs others; a full disk must not stop us
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                if not shared:
+                    with contextlib.suppress(OSError):  # only informs others; a full disk must not stop us
+                        os.ftruncate(fd, 0)
+                        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
                 return fd
         except BlockingIOError:
             os.close(fd)
@@ -116,3 +120,34 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
                 parent.rmdir()
             except OSError:  # not empty: the run wrote something
                 break
+
+
+@contextmanager
+def presence(path: str | os.PathLike[str], *, if_alone: Callable[[], object]) -> Iterator[None]:
+    """Be present at ``path`` for the block, with every other process there: a shared flock each.
+
+    A process that comes while no other is present calls ``if_alone()`` first, still holding the
+    file exclusively, so nobody joins meanwhile: the place for work that is safe only when no
+    other live process could be using what it touches. The last to leave removes the file.
+    """
+    target = Path(path)
+    fd = _open_locked(target, wait=False)
+    if fd is None:
+        fd = _open_locked(target, wait=True, shared=True)
+        assert fd is not None, "a blocking flock returns only once it holds the lock"
+    else:
+        try:
+            if_alone()
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            _release(target, fd)
+            raise
+    try:
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # others are still here
+            os.close(fd)
+        else:
+            _release(target, fd)

@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from optuna.storages.journal import JournalFileSymlinkLock
+
+from lrsearch._atomic import DISK_ERRNOS
 from lrsearch._errors import StorageIOError, format_problem
 from lrsearch.study._storage import journal_file, redacted, storage_file
 
-__all__ = ["DISK_ERRNOS", "io_failure", "storage_failures"]
+__all__ = ["io_failure", "storage_failures"]
 
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS})
 _SQLITE = {"SQLITE_FULL": errno.ENOSPC, "SQLITE_IOERR": errno.EIO, "SQLITE_READONLY": errno.EROFS}
 _POSTGRES = {"53100": errno.ENOSPC, "58030": errno.EIO}  # disk_full, io_error
 _CREATE_TRIAL = 4  # optuna.storages.journal's JournalOperation.CREATE_TRIAL
@@ -93,6 +95,33 @@ def _remove_empty_study(url: str, path: Path) -> bool:
     return True
 
 
+def _drop_cut_line(path: Path, *, chunk: int = 1 << 16) -> None:
+    """Cut a journal back to its last whole line, under the journal's own lock.
+
+    A write the full disk cut short leaves half a line at the end; the next run's first append
+    would glue onto it, and Optuna would refuse to read the journal ever after.
+    """
+    lock = JournalFileSymlinkLock(str(path))
+    if not lock.acquire():
+        return
+    try:
+        with path.open("rb+") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            position = end
+            while position > 0:
+                start = max(0, position - chunk)
+                handle.seek(start)
+                newline = handle.read(position - start).rfind(b"\n")
+                if newline >= 0:
+                    position = start + newline + 1
+                    break
+                position = start
+            if position < end:
+                handle.truncate(position)
+    finally:
+        lock.release()
+
+
 @contextmanager
 def storage_failures(storage_url: str) -> Iterator[None]:
     """Turn a disk failure in the block into :class:`StorageIOError`, removing the study file it began.
@@ -108,6 +137,9 @@ def storage_failures(storage_url: str) -> Iterator[None]:
         if number is None:
             raise
         removed = path is not None and path in new and path.exists() and _remove_empty_study(storage_url, path)
+        if not removed and path is not None and journal_file(storage_url) is not None and path.exists():
+            with suppress(OSError):  # the repair needs a lock file, which may not fit either
+                _drop_cut_line(path)
         if removed:
             for folder in new[1:]:
                 try:

@@ -52,7 +52,7 @@ from lrsearch.study._storage import (
     storage_lock,
 )
 from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
-from lrsearch.study._zombies import StopWhenFull, ZombieReaper, counted_trials, record_owner
+from lrsearch.study._zombies import StopWhenFull, counted_trials, reaping, record_owner
 
 __all__ = ["Candidate", "SearchResult", "search"]
 
@@ -210,10 +210,9 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                               allowed_drop=allowed, costs=costs, objective=config.objective,
                               two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                               early_abort=config.early_abort)
-        reaper = ZombieReaper(storage_url)
-        reaper(study)
-        _run_trials(study, objective, config, space=space, bisection=bisection, callbacks=[*callbacks, reaper],
-                    show_progress_bar=show_progress_bar)
+        with reaping(storage_url, study) as reaper:
+            _run_trials(study, objective, config, space=space, bisection=bisection,
+                        callbacks=[*callbacks, reaper], show_progress_bar=show_progress_bar)
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
         full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}

@@ -3,9 +3,11 @@
 Each trial records its owner (host, PID and the process's start time) when it starts. A worker
 fails a RUNNING trial whose owner is a dead process on its own host at once, without waiting
 for a heartbeat (journal files have none; an RDB's takes twice ``heartbeat_interval``), and
-enqueues its configuration again, once, as Optuna's heartbeat retry does. Trials owned by other
-hosts are left to the RDB heartbeat. A failed trial that was retried does not count toward
-``n_trials``: its retry does, so a study that already had all its trials runs the retry too.
+enqueues its configuration again, once, as Optuna's heartbeat retry does. On a journal or
+SQLite file a worker that starts while no other is present fails every RUNNING trial, also one
+whose owner was never recorded (see :func:`reaping`). Trials owned by other hosts are otherwise
+left to the RDB heartbeat. A failed trial that was retried does not count toward ``n_trials``:
+its retry does, so a study that already had all its trials runs the retry too.
 """
 
 from __future__ import annotations
@@ -14,18 +16,22 @@ import functools
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lrsearch.study._storage import storage_lock
+from lrsearch._runlock import presence
+from lrsearch.study._storage import storage_file, storage_lock
 
-__all__ = ["COUNTED", "OWNER", "StopWhenFull", "ZombieReaper", "counted_trials", "record_owner"]
+__all__ = ["COUNTED", "OWNER", "StopWhenFull", "ZombieReaper", "counted_trials", "reaping", "record_owner"]
 
 _logger = logging.getLogger("lrsearch")
 OWNER = "lrsearch:owner"
+PRESENCE_SUFFIX = ".lrsearch-workers"
 # Every trial that ran or runs counts toward n_trials; enqueued (WAITING) ones do not yet.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
@@ -77,41 +83,49 @@ def record_owner(trial: optuna.Trial) -> None:
     trial.storage.set_trial_system_attr(trial._trial_id, OWNER, {**_owner(), "trial": trial.number})
 
 
-def is_zombie(trial: FrozenTrial, *, host: str | None = None) -> bool:
-    """``trial`` is RUNNING, and its owner on this host is dead.
+def is_zombie(trial: FrozenTrial, *, host: str | None = None, alone: bool = False) -> bool:
+    """``trial`` is RUNNING, and its owner on this host is dead; or no live owner at all if ``alone``.
 
     A trial without an owner of its own (an older lrsearch, a retry that copied its failed
-    trial's attributes, one killed before its objective began) is never judged here.
+    trial's attributes, one killed or out of disk before its objective began) is judged only
+    when this worker is ``alone``: no other worker is present on the storage (see :func:`reaping`).
     """
-    owner = trial.system_attrs.get(OWNER)
-    if trial.state != TrialState.RUNNING or not isinstance(owner, dict) or owner.get("trial") != trial.number:
+    if trial.state != TrialState.RUNNING:
         return False
-    return owner.get("host") == (host or _this_host()) and not _alive(int(owner["pid"]), owner.get("start"))
+    owner = trial.system_attrs.get(OWNER)
+    if not isinstance(owner, dict) or owner.get("trial") != trial.number:
+        return alone
+    if owner.get("host") != (host or _this_host()):
+        return alone
+    return not _alive(int(owner["pid"]), owner.get("start"))
 
 
 class ZombieReaper:
     """``reaper(study)`` fails the study's zombie trials and enqueues each one's configuration again.
 
-    Call it before trials run and pass it as an ``optimize`` callback, so a worker that outlives
-    a killed one cleans up after it. Works under :func:`storage_lock`, so two workers never
-    retry the same zombie twice.
+    Pass it as an ``optimize`` callback (see :func:`reaping`), so a worker that outlives a killed
+    one cleans up after it. Works under :func:`storage_lock`, so two workers never retry the same
+    zombie twice.
     """
 
     def __init__(self, storage_url: str) -> None:
         self.storage_url = storage_url
         self.host = _this_host()
 
-    def __call__(self, study: optuna.Study, _finished: FrozenTrial | None = None) -> list[int]:
-        if not any(is_zombie(t, host=self.host) for t in study.get_trials(deepcopy=False,
-                                                                           states=(TrialState.RUNNING,))):
+    def __call__(self, study: optuna.Study, _finished: FrozenTrial | None = None, *,
+                 alone: bool = False) -> list[int]:
+        def dead(trial: FrozenTrial) -> bool:
+            return is_zombie(trial, host=self.host, alone=alone)
+
+        if not any(dead(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
             return []
         reaped = []
         with storage_lock(self.storage_url, f"zombies of {study.study_name}"):
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if is_zombie(trial, host=self.host) and self._fail(study, trial):
+                if dead(trial) and self._fail(study, trial):
                     reaped.append(trial.number)
         if reaped:
-            _logger.warning("failed trial(s) %s of study %r: their process on this host was killed; "
+            _logger.warning("failed trial(s) %s of study %r: the process running them was killed; "
                             "their configurations run again", reaped, study.study_name)
         return reaped
 
@@ -130,6 +144,25 @@ class ZombieReaper:
                               "failed_trial": trial.number,
                               "retry_history": history}))
         return True
+
+
+@contextmanager
+def reaping(storage_url: str, study: optuna.Study) -> Iterator[ZombieReaper]:
+    """Fail the study's zombies now; the reaper to pass to ``optimize`` for the ones to come.
+
+    On a journal or SQLite file, a worker is present (a shared flock beside the file) while it
+    runs trials. One that comes while no other is present knows that every RUNNING trial is dead,
+    even one whose owner was never recorded (killed, or out of disk, as the trial began).
+    """
+    reaper = ZombieReaper(storage_url)
+    file = storage_file(storage_url)
+    if file is None:
+        reaper(study)
+        yield reaper
+        return
+    with presence(file.with_name(file.name + PRESENCE_SUFFIX), if_alone=lambda: reaper(study, alone=True)):
+        reaper(study)
+        yield reaper
 
 
 def counted_trials(study: optuna.Study) -> int:

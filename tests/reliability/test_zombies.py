@@ -16,16 +16,19 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from lrsearch.study import search
+from lrsearch._runlock import _open_locked
+from lrsearch.study import open_storage, search
 from lrsearch.study._zombies import (
     COUNTED,
     OWNER,
+    PRESENCE_SUFFIX,
     ZombieReaper,
     _alive,
     _start_time,
     _this_host,
     counted_trials,
     is_zombie,
+    reaping,
 )
 from tests.reliability._procs import hang_and_kill, processes, reading, trials_of
 
@@ -149,3 +152,20 @@ def test_a_configuration_that_kills_its_worker_twice_is_retried_only_once(traine
     with reading(storage, "twice") as study:
         assert counted_trials(study) == options["n_trials"]
         assert ZombieReaper(storage)(study) == []
+
+
+def test_a_worker_alone_on_a_file_storage_fails_even_a_trial_whose_owner_was_never_recorded(tmp_path: Path) -> None:
+    url = f"journal:{tmp_path / 'study.log'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    study.ask()  # RUNNING, no owner: its process died before its objective began
+    presence_file = tmp_path / f"study.log{PRESENCE_SUFFIX}"
+    other = _open_locked(presence_file, wait=True, shared=True)  # another live worker is present
+    try:
+        with reaping(url, study):
+            assert [t.state for t in study.trials] == [TrialState.RUNNING], "it may be the other worker's"
+    finally:
+        os.close(other)
+    with reaping(url, study):
+        assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+        assert presence_file.exists()
+    assert not presence_file.exists(), "the last worker to leave removes the file"
