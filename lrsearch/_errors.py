@@ -15,6 +15,8 @@ __all__ = [
     "LrSearchError",
     "NoMatchingModuleError",
     "RecipeError",
+    "RunFolderInUseError",
+    "StorageIOError",
     "UnknownLayerError",
     "UnsupportedLayerError",
     "format_problem",
@@ -51,6 +53,25 @@ class BudgetError(LrSearchError, ValueError):
 
 class RecipeError(LrSearchError, ValueError):
     """A saved model, recipe or checkpoint is corrupted, truncated or does not fit the model."""
+
+
+class RunFolderInUseError(LrSearchError, RuntimeError):
+    """Another live process is running in the same run folder; the message names its PID and host."""
+
+
+class StorageIOError(LrSearchError, OSError):
+    """Writing the study or an artifact failed (disk full, I/O error); nothing half-written is left.
+
+    An ``OSError`` too, with the ``errno`` and ``filename`` of the failure, so ``except OSError``
+    keeps working and a CLI can map it to its own exit status.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, filename: str | None = None) -> None:
+        super().__init__(message)
+        self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class Interrupted(KeyboardInterrupt):

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +20,15 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lrsearch._errors import LrSearchError, format_problem
+from lrsearch._runlock import file_lock
 
-__all__ = ["StorageError", "check_file_storage", "fail_stale_trials", "open_storage", "sqlite_url"]
+__all__ = ["StorageError", "check_file_storage", "fail_stale_trials", "open_storage", "sqlite_url", "storage_lock"]
+
+_logger = logging.getLogger("lrsearch")
 
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+SQLITE_HEADER = b"SQLite format 3\x00"
+LOCK_SUFFIX = ".lrsearch-lock"
 
 
 class StorageError(LrSearchError, ValueError):
@@ -32,7 +42,7 @@ def sqlite_url(path: str | os.PathLike[str]) -> str:
 
 def is_file_storage(url: str) -> bool:
     """A journal or SQLite file on this machine: opening it writes the file, and it cannot be unreachable."""
-    return url.startswith("sqlite:") or _journal_path(url) is not None
+    return url.startswith("sqlite:") or journal_file(url) is not None
 
 
 def check_file_storage(url: str) -> None:
@@ -41,7 +51,7 @@ def check_file_storage(url: str) -> None:
     File storages are opened only after the data and the model are checked (opening writes the
     file), so without this a mistyped path would surface only after minutes of profiling.
     """
-    path = _file_of(url)
+    path = storage_file(url)
     if path is None:
         return
     existing = next(parent for parent in (path, *path.parents) if parent.exists())
@@ -52,13 +62,33 @@ def check_file_storage(url: str) -> None:
         problem = f"cannot be created: {existing} is a file, not a folder"
     elif not os.access(existing, os.W_OK):
         problem = f"cannot be written: {existing} is read-only"
+    elif existing == path:
+        problem = _foreign_content(path, journal=journal_file(url) is not None)
     if problem is not None:
         raise StorageError(format_problem(f"The study storage {path} {problem}",
                                           hint="pass --storage (storage=) a writable file path, or another run_dir."))
 
 
-def _file_of(url: str) -> Path | None:
-    journal = _journal_path(url)
+def _foreign_content(path: Path, *, journal: bool) -> str | None:
+    """Why the existing file ``path`` is not a study of the kind its URL says, or None if it may be one."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.readline(4096) if journal else handle.read(len(SQLITE_HEADER))
+    except OSError as error:
+        return f"cannot be read: {error.strerror}"
+    if not head:
+        return None  # empty: Optuna starts a study in it
+    if journal:
+        try:
+            first = json.loads(head)
+        except ValueError:
+            first = None
+        return None if isinstance(first, dict) and "op_code" in first else "is not an Optuna journal file"
+    return None if head == SQLITE_HEADER else "is not a SQLite database"
+
+
+def storage_file(url: str) -> Path | None:
+    journal = journal_file(url)
     if journal is not None:
         return journal.absolute()
     if url.startswith("sqlite:///"):
@@ -67,7 +97,7 @@ def _file_of(url: str) -> Path | None:
     return None
 
 
-def _journal_path(url: str) -> Path | None:
+def journal_file(url: str) -> Path | None:
     """The file of a journal storage (``journal:PATH`` or a ``.log``/``.journal``/``.jsonl`` path)."""
     if url.startswith("journal:") or url.endswith(JOURNAL_SUFFIXES):
         return Path(url.removeprefix("journal:"))
@@ -88,9 +118,10 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
     """Open ``url``: a journal file (``journal:PATH`` or a ``.log``/``.journal`` path) or an RDB URL.
 
     RDB storages get heartbeats, so a trial left RUNNING by a killed worker is failed and
-    retried once by the next worker that asks for a trial.
+    retried once by the next worker that asks for a trial. Any number of processes may open a
+    new storage at the same moment: the tables are created under :func:`storage_lock`.
     """
-    path = _journal_path(url)
+    path = journal_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
@@ -100,25 +131,66 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
             expected="an RDB URL (sqlite:///run/study.db, postgresql://user@host/db) or a journal "
                      "file (journal:run/study.log)",
             hint="prefix a journal file path with 'journal:'."))
-    url = _with_postgres_driver(url)
-    engine_kwargs = {}
-    if url.startswith(("postgresql", "mysql")):
-        engine_kwargs = {"connect_args": {"connect_timeout": connect_timeout}}
+    file = storage_file(url)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     heartbeat = {}
     if heartbeat_interval:
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": 2 * heartbeat_interval,
                      "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
     try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        with storage_lock(url, "schema", connect_timeout=connect_timeout):
+            storage = RDBStorage(_with_postgres_driver(url), engine_kwargs=_engine_kwargs(url, connect_timeout),
+                                 **heartbeat)
     except (ImportError, ModuleNotFoundError) as error:
         raise StorageError(format_problem(f"The driver for {url.split(':')[0]} is not installed: {error}",
                                           hint="pip install 'lrsearch[distributed]'")) from error
     except Exception as error:  # SQLAlchemy raises many types; all mean "cannot open"
+        hint = ("check that the file is an Optuna study and its folder is writable." if file is not None
+                else "check the URL, the server and the credentials.")
         raise StorageError(format_problem(f"Cannot open the study storage {redacted(url)!r}: {error}",
-                                          hint="check the URL, the server and the credentials.")) from error
+                                          hint=hint)) from error
     if url.startswith("sqlite"):
-        _use_write_ahead_log(storage)
+        _tune_sqlite(storage)
     return storage
+
+
+def _engine_kwargs(url: str, connect_timeout: int) -> dict[str, Any]:
+    if url.startswith(("postgres", "mysql")):
+        return {"connect_args": {"connect_timeout": connect_timeout}}
+    return {}
+
+
+@contextmanager
+def storage_lock(url: str, scope: str, *, connect_timeout: int = 10) -> Iterator[None]:
+    """Hold the storage's lock named ``scope`` for the block: one process at a time, wherever it runs.
+
+    What Optuna does not make atomic happens under it: creating the tables of a new database,
+    measuring the study's latency table, enqueuing warm starts, failing zombie trials. The lock
+    dies with its holder, so a killed worker never blocks the others: a PostgreSQL advisory
+    lock (held by a connection the server drops when the process dies) on a server, an
+    ``flock`` on a file beside a journal or SQLite file (one lock per file, whatever ``scope``).
+    Other servers (MySQL...) take no lock. Not reentrant.
+    """
+    file = storage_file(url)
+    if file is not None:
+        with file_lock(file.with_name(file.name + LOCK_SUFFIX), waiting=f"{scope} of {file.name}"):
+            yield
+        return
+    if not url.startswith(("postgresql", "postgres:")):
+        yield
+        return
+    engine = sqlalchemy.create_engine(_with_postgres_driver(url), poolclass=sqlalchemy.pool.NullPool,
+                                      isolation_level="AUTOCOMMIT", **_engine_kwargs(url, connect_timeout))
+    key = int.from_bytes(hashlib.sha256(f"lrsearch:{scope}".encode()).digest()[:8], "big", signed=True)
+    try:
+        with engine.connect() as connection:
+            if not connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar():
+                _logger.info("waiting for another process to finish %s in %s", scope, redacted(url))
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            yield  # closing the connection releases the lock
+    finally:
+        engine.dispose()
 
 
 def _with_postgres_driver(url: str) -> str:
@@ -136,19 +208,29 @@ def _with_postgres_driver(url: str) -> str:
     return url  # SQLAlchemy's ImportError becomes the "driver is not installed" StorageError
 
 
-def _use_write_ahead_log(storage: RDBStorage) -> None:
-    """WAL with ``synchronous=NORMAL``: a commit no longer waits for fsync (8 ms → 0.1 ms here).
+def _tune_sqlite(storage: RDBStorage) -> None:
+    """WAL with ``synchronous=NORMAL``, and transactions that take the write lock when they begin.
 
-    A killed process still loses nothing committed; only an OS crash or power loss can drop
-    the last commits. Without this, SQLite writes dominate the cost of a search trial.
+    WAL: a commit no longer waits for fsync (8 ms → 0.1 ms here). A killed process still loses
+    nothing committed; only an OS crash or power loss can drop the last commits. Without this,
+    SQLite writes dominate the cost of a search trial.
+
+    ``BEGIN IMMEDIATE``: Python's sqlite3 starts a transaction only at the first write, so
+    Optuna's "read a WAITING trial, mark it RUNNING" ran as two steps, and two processes could
+    both take the same enqueued trial and evaluate it twice (then one crashed telling it).
     """
-    def pragmas(connection: Any, _record: Any) -> None:
+    def on_connect(connection: Any, _record: Any) -> None:
+        connection.isolation_level = None  # no implicit BEGIN: the "begin" event below issues it
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    sqlalchemy.event.listen(storage.engine, "connect", pragmas)
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(storage.engine, "connect", on_connect)
+    sqlalchemy.event.listen(storage.engine, "begin", on_begin)
     storage.engine.dispose()
 
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
 from optuna.study import _optimize as optuna_optimize
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
@@ -41,19 +40,27 @@ from lrsearch.measure import (
 )
 from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
+from lrsearch.study._fingerprint import check_same_model
+from lrsearch.study._io_failures import storage_failures
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
-from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, sqlite_url
+from lrsearch.study._storage import (
+    check_file_storage,
+    is_file_storage,
+    open_storage,
+    redacted,
+    sqlite_url,
+    storage_lock,
+)
 from lrsearch.study._stored_table import store_latency_table, stored_latency_table
 from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
+from lrsearch.study._zombies import StopWhenFull, counted_trials, reaping, record_owner
 
 __all__ = ["Candidate", "SearchResult", "search"]
 
 _logger = logging.getLogger("lrsearch")
 ATTR = "lrsearch:"
 TABLE_FILE = "latency-table.json"
-# Every trial that ran or runs counts toward n_trials; enqueued (WAITING) ones do not yet.
-_COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         check_file_storage(storage_url)
     else:
         storage = open_storage(storage_url, heartbeat_interval=config.heartbeat_interval)
-    with _resume_hint(config.study_name, storage_url):
+    with _resume_hint(config.study_name, storage_url), storage_failures(storage_url):
         batches = list(data)
         evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
         if evaluator.higher_is_better not in (None, config.higher_is_better):
@@ -188,7 +195,9 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         directions = ["minimize", "minimize"] if config.two_objectives else ["minimize"]
         study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
                                     directions=directions, load_if_exists=True)
-        table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
+        check_same_model(study, decomposition)
+        with storage_lock(storage_url, f"the latency table of study {config.study_name!r}"):
+            table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
         space = _space(decomposition, config, table).matching(study.get_trials(deepcopy=False))
         costs = PlanCosts(decomposition, dense_params=count_params(model),
                           dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
@@ -198,16 +207,19 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         bisection = None
         if config.warm_start:
             cost_of = _cost_fn(space, costs, config.objective)
-            for label, allocation in warm_starts(decomposition, space, cost_of):
-                study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": label}, skip_if_exists=True)
+            with storage_lock(storage_url, f"the warm starts of study {config.study_name!r}"):
+                for label, allocation in warm_starts(decomposition, space, cost_of):
+                    study.enqueue_trial(space.params(allocation), user_attrs={"warm_start": label},
+                                        skip_if_exists=True)
             if config.worker_index == 0:  # one worker refines; the others would probe the same points
                 bisection = GreedyBisection(space, kept_energy(decomposition, space), cost_of)
         objective = Objective(decomposition=decomposition, space=space, evaluator=evaluator, baseline=baseline,
                               allowed_drop=allowed, costs=costs, objective=config.objective,
                               two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                               early_abort=config.early_abort)
-        _run_trials(study, objective, config, space=space, bisection=bisection, callbacks=callbacks,
-                    show_progress_bar=show_progress_bar)
+        with reaping(storage_url, study) as reaper:
+            _run_trials(study, objective, config, space=space, bisection=bisection,
+                        callbacks=[*callbacks, reaper], show_progress_bar=show_progress_bar)
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
         publish_plots(study, objective=config.objective, metric=metric_name or baseline.metric_name,
@@ -249,14 +261,14 @@ def _run_trials(study: optuna.Study, objective: Objective, config: SearchConfig,
 
     def optimize(n_trials: int) -> bool:
         """Up to ``n_trials`` more trials; False once the study is full, out of time or stopped."""
-        left = config.n_trials - len(study.get_trials(deepcopy=False, states=_COUNTED))
+        left = config.n_trials - counted_trials(study)
         timeout = None if deadline is None else deadline - time.monotonic()
         if left <= 0 or ctrl_c.requested or (timeout is not None and timeout <= 0):
             return False  # optimize() would run one trial even when the study already has enough
         # A candidate that fails (the evaluator reports its forward's error as an EvaluationError;
         # the baseline ran fine on the same data) fails its own trial, and the search goes on.
         study.optimize(ctrl_c, n_trials=min(n_trials, left), timeout=timeout,
-                       callbacks=[MaxTrialsCallback(config.n_trials, states=_COUNTED), *callbacks,
+                       callbacks=[StopWhenFull(config.n_trials), *callbacks,
                                   ctrl_c.stop_if_requested, lambda _study, trial: ran.append(trial)],
                        catch=(RuntimeError, FloatingPointError, EvaluationError),
                        show_progress_bar=show_progress_bar)
@@ -322,6 +334,7 @@ class _CtrlC:
     def __call__(self, trial: optuna.Trial) -> Any:
         if self.requested:
             raise KeyboardInterrupt
+        record_owner(trial)
         self.in_trial = True
         try:
             return self.objective(trial)

@@ -8,11 +8,20 @@ searching, so all workers start together), ``progress`` (a file holding how many
 process has finished, written after each) and ``result`` (a JSON file this process writes
 when its search returns). Ctrl-C ends the process with status 130, the one line that says how to
 resume and no traceback, as a CLI would.
+
+``rounds`` (a list of ``{"options", "result"}``) runs several searches in one process, each
+behind a barrier in the folder ``barrier``: the process writes ``ready-NAME-K`` and waits for
+``go-K``, which holds the wall-clock instant all workers begin round K together. Other knobs:
+``hang_in_latency_table`` (a marker file: measuring the latency table writes it and hangs
+until the process is killed) and ``foreign_host`` (this process's trials claim another host, as
+a worker on another machine's would), ``model: "wide"`` (256 hidden units, where low ranks are
+measurably faster) and ``log`` (lrsearch's INFO messages on stderr).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -23,8 +32,8 @@ from typing import Any
 from torch import nn
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+def mlp(width: int = 64) -> nn.Module:
+    return nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
 
 
 def _slow_trials(*, trial_sleep: float, hang_marker: str | None) -> None:
@@ -47,6 +56,32 @@ def _slow_trials(*, trial_sleep: float, hang_marker: str | None) -> None:
     Objective._finished_twin = staticmethod(finished_twin)  # type: ignore[method-assign]
 
 
+def _hang_in_latency_table(marker: str) -> None:
+    from lrsearch.study import _study
+
+    def hang(*_args: Any, **_kwargs: Any) -> Any:
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(600)
+
+    _study.build_latency_table = hang  # type: ignore[assignment]
+
+
+def _pretend_another_host() -> None:
+    from lrsearch.study import _zombies
+
+    _zombies._this_host = lambda: "another-machine"  # type: ignore[assignment]
+
+
+def _barrier(folder: Path, name: str, round_index: int) -> None:
+    """Say this process is ready for the round, then start it at the instant the driver wrote."""
+    (folder / f"ready-{name}-{round_index}").write_text(str(os.getpid()))
+    go = folder / f"go-{round_index}"
+    _wait_for(go, timeout=300)
+    start = float(go.read_text() or 0)
+    while time.time() < start:  # spin, so every worker leaves within a millisecond of the others
+        pass
+
+
 def _wait_for(path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -65,34 +100,45 @@ def main(spec_path: str) -> int:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
-    model = mlp()
+    if spec.get("log"):
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+    model = mlp(256 if spec.get("model") == "wide" else 64)
     model.load_state_dict(torch.load(spec["state"], weights_only=True))
     data = [tuple(batch) for batch in torch.load(spec["data"], weights_only=True)]
     if spec.get("trial_sleep") or spec.get("hang_marker"):
         _slow_trials(trial_sleep=spec.get("trial_sleep", 0.0), hang_marker=spec.get("hang_marker"))
-    if spec.get("ready"):
+    if spec.get("hang_in_latency_table"):
+        _hang_in_latency_table(spec["hang_in_latency_table"])
+    if spec.get("foreign_host"):
+        _pretend_another_host()
+    if spec.get("ready") or spec.get("barrier"):
         lrsearch.core.macs_per_sample(model, data[0])  # its first call imports torch._dynamo: seconds
+    if spec.get("ready"):
         Path(spec["ready"]).write_text(str(os.getpid()))
         _wait_for(Path(spec["go"]), timeout=120)
-    ran: list[int] = []
+    rounds = spec.get("rounds") or [{"options": spec["options"], "result": spec.get("result")}]
+    for index, one in enumerate(rounds):
+        if spec.get("barrier"):
+            _barrier(Path(spec["barrier"]), Path(spec_path).stem, index)
+        ran: list[int] = []
 
-    def finished(study: Any, trial: Any) -> None:
-        ran.append(trial.number)
-        if spec.get("progress"):
-            Path(spec["progress"]).write_text(str(len(ran)))
+        def finished(study: Any, trial: Any, ran: list[int] = ran) -> None:
+            ran.append(trial.number)
+            if spec.get("progress"):
+                Path(spec["progress"]).write_text(str(len(ran)))
 
-    try:
-        result = lrsearch.search(model, data, callbacks=[finished], **spec["options"])
-    except KeyboardInterrupt as interrupt:  # lrsearch's Interrupted says how to resume
-        print(interrupt, file=sys.stderr)
-        return 130
-    study = optuna.load_study(study_name=result.study_name,
-                              storage=lrsearch.study.open_storage(result.storage, heartbeat_interval=None))
-    report = {"pid": os.getpid(), "ran": ran, "baseline": result.baseline, "allowed_drop": result.allowed_drop,
-              "dense": result.dense, "study_attrs": study.user_attrs,
-              "best": None if result.best is None else result.best.trial}
-    if spec.get("result"):
-        Path(spec["result"]).write_text(json.dumps(report))
+        try:
+            result = lrsearch.search(model, data, callbacks=[finished], **one["options"])
+        except KeyboardInterrupt as interrupt:  # lrsearch's Interrupted says how to resume
+            print(interrupt, file=sys.stderr)
+            return 130
+        study = optuna.load_study(study_name=result.study_name,
+                                  storage=lrsearch.study.open_storage(result.storage, heartbeat_interval=None))
+        report = {"pid": os.getpid(), "ran": ran, "baseline": result.baseline, "allowed_drop": result.allowed_drop,
+                  "dense": result.dense, "study_attrs": study.user_attrs,
+                  "best": None if result.best is None else result.best.trial}
+        if one.get("result"):
+            Path(one["result"]).write_text(json.dumps(report))
     return 0
 
 

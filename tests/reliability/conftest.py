@@ -12,18 +12,28 @@ from torch import nn
 
 from tests.reliability._lit import TinyClassifier, TinyData
 from tests.reliability._worker import mlp
-from tests.reliability.postgres import find_bin_dir, postgres_server
+from tests.reliability.postgres import PostgresServer, find_bin_dir
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """``postgresql://postgres@127.0.0.1:PORT/lrsearch`` of a server that lives for the session."""
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server that lives for the session; ``create_database(name)`` gives a URL."""
     bin_dir = find_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) are not installed; "
                     ".ci/run installs them with apt-get")
-    with postgres_server("lrsearch", bin_dir=bin_dir) as url:
-        yield url
+    server = PostgresServer(bin_dir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres: PostgresServer) -> str:
+    """``postgresql://postgres@127.0.0.1:PORT/lrsearch`` on the session's server."""
+    return postgres.create_database("lrsearch")
 
 
 @pytest.fixture(scope="module")

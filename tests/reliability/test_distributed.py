@@ -10,101 +10,32 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 import torch
-from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from torch import nn
 
 from lrsearch.study import SearchConfig, StorageError, fail_stale_trials, open_storage, search, sqlite_url
 from lrsearch.study import _study as study_module
-from lrsearch.study._study import _COUNTED, TABLE_FILE
+from lrsearch.study._study import TABLE_FILE
+from lrsearch.study._zombies import COUNTED
+from tests.reliability._procs import (
+    finish,
+    hang_and_kill,
+    make_spec,
+    poll,
+    processes,
+    reading,
+    stderr_of,
+    trials_of,
+)
 
-WORKER = Path(__file__).with_name("_worker.py")
 N_TRIALS = 16
 BASE = {"budget": "1%", "objective": "macs"}
-
-
-@contextmanager
-def _processes() -> Iterator[Callable[[Path], subprocess.Popen[bytes]]]:
-    """``start(spec)`` runs a worker with its output in files beside the spec; all are killed at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(spec: Path) -> subprocess.Popen[bytes]:
-        with spec.with_suffix(".out").open("wb") as out, spec.with_suffix(".err").open("wb") as err:
-            process = subprocess.Popen([sys.executable, str(WORKER), str(spec)], stdout=out, stderr=err,
-                                       stdin=subprocess.DEVNULL)
-        started.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=30)
-
-
-def _spec(folder: Path, name: str, options: dict[str, Any], **knobs: Any) -> Path:
-    spec = folder / f"{name}.json"
-    spec.write_text(json.dumps({"state": str(folder / "model.pt"), "data": str(folder / "data.pt"),
-                                "options": options, "result": str(folder / f"{name}.result.json"), **knobs}))
-    return spec
-
-
-def _stderr(spec: Path) -> str:
-    return spec.with_suffix(".err").read_text(errors="replace")
-
-
-def _finish(process: subprocess.Popen[bytes], spec: Path, timeout: float = 120) -> None:
-    assert process.wait(timeout=timeout) == 0, _stderr(spec)[-3000:]
-
-
-def _poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-@contextmanager
-def _reading(storage: str, study_name: str) -> Iterator[optuna.Study]:
-    """The study as a reader sees it: no heartbeats, and no connection left open afterwards."""
-    opened = open_storage(storage, heartbeat_interval=None)
-    try:
-        yield optuna.load_study(study_name=study_name, storage=opened)
-    finally:
-        if isinstance(opened, RDBStorage):
-            opened.engine.dispose()
-
-
-def _trials(storage: str, study_name: str) -> list[FrozenTrial]:
-    with _reading(storage, study_name) as study:
-        return study.get_trials()
-
-
-def _hang_and_kill(start: Callable[[Path], subprocess.Popen[bytes]], folder: Path,
-                   options: dict[str, Any], after: float = 0.0) -> None:
-    """Start a worker whose first trial hangs; SIGKILL it ``after`` seconds into that trial."""
-    marker = folder / "hanging"
-    spec = _spec(folder, "victim", {**options, "worker_index": 1}, hang_marker=str(marker))
-    victim = start(spec)
-    _poll(lambda: marker.exists() or victim.poll() is not None, 90, "the victim's trial to start")
-    assert victim.poll() is None, _stderr(spec)[-3000:]
-    time.sleep(after)
-    victim.kill()
-    victim.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -119,21 +50,21 @@ def test_worker_processes_share_one_study(kind: str, n_workers: int, request, tr
     options = {**BASE, "n_trials": N_TRIALS, "storage": storage, "study_name": f"workers-{kind}",
                "run_dir": str(saved / "run")}
     prepared = search(model, val, **{**options, "n_trials": 1})
-    with _reading(storage, options["study_name"]) as study:
+    with reading(storage, options["study_name"]) as study:
         attrs = study.user_attrs
     go = saved / "go"
-    specs = [_spec(saved, f"worker{i}", {**options, "worker_index": i}, trial_sleep=0.2,
-                   ready=str(saved / f"ready{i}"), go=str(go)) for i in range(1, n_workers + 1)]
-    with _processes() as start:
-        processes = [start(spec) for spec in specs]
-        _poll(lambda: all((saved / f"ready{i}").exists() for i in range(1, n_workers + 1))
-              or any(p.poll() is not None for p in processes), 90, "the workers to load")
+    specs = [make_spec(saved, f"worker{i}", {**options, "worker_index": i}, trial_sleep=0.2,
+                       ready=str(saved / f"ready{i}"), go=str(go)) for i in range(1, n_workers + 1)]
+    with processes() as start:
+        workers = [start(spec) for spec in specs]
+        poll(lambda: all((saved / f"ready{i}").exists() for i in range(1, n_workers + 1))
+             or any(p.poll() is not None for p in workers), 90, "the workers to load")
         go.touch()  # all start searching together
-        for process, spec in zip(processes, specs, strict=True):
-            _finish(process, spec)
+        for process, spec in zip(workers, specs, strict=True):
+            finish(process, spec)
     reports = [json.loads(spec.with_suffix(".result.json").read_text()) for spec in specs]
 
-    trials = _trials(storage, options["study_name"])
+    trials = trials_of(storage, options["study_name"])
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
@@ -150,7 +81,7 @@ def test_worker_processes_share_one_study(kind: str, n_workers: int, request, tr
         assert report["study_attrs"] == attrs
 
     final = search(model, val, **options)  # the "finalize" step: results only, no new trial
-    assert len(_trials(storage, options["study_name"])) == len(trials)
+    assert len(trials_of(storage, options["study_name"])) == len(trials)
     assert final.best is not None and final.best.drop <= final.allowed_drop
     best = next(t for t in trials if t.number == final.best.trial)
     assert best.state == TrialState.COMPLETE and best.user_attrs["feasible"]
@@ -164,19 +95,20 @@ def test_trial_of_a_killed_worker_is_failed_and_retried_by_the_next_worker(postg
     options = {**BASE, "n_trials": 6, "storage": postgres_url, "study_name": "heartbeat",
                "run_dir": str(saved / "run"), "heartbeat_interval": 1, "warm_start": False}
     search(model, val, **{**options, "n_trials": 1})
-    with _processes() as start:
-        _hang_and_kill(start, saved, options, after=1.5)  # a heartbeat is written at least once a second
-    running = [t for t in _trials(postgres_url, "heartbeat") if t.state == TrialState.RUNNING]
+    with processes() as start:
+        # A worker on another machine: this host cannot tell whether it lives, the heartbeat can.
+        hang_and_kill(start, saved, options, after=1.5, foreign_host=True)  # heartbeats: at least 1 per second
+    running = [t for t in trials_of(postgres_url, "heartbeat") if t.state == TrialState.RUNNING]
     assert len(running) == 1
     killed = running[0]
 
     watcher = open_storage(postgres_url, heartbeat_interval=1)  # same grace period (2 s) as the workers
     study_id = watcher.get_study_id_from_name("heartbeat")
-    _poll(lambda: killed._trial_id in watcher._get_stale_trial_ids(study_id), 30, "the heartbeat to go stale")
+    poll(lambda: killed._trial_id in watcher._get_stale_trial_ids(study_id), 30, "the heartbeat to go stale")
     watcher.engine.dispose()
 
     search(model, val, **{**options, "worker_index": 2})  # the next worker to start: this process
-    trials = {t.number: t for t in _trials(postgres_url, "heartbeat")}
+    trials = {t.number: t for t in trials_of(postgres_url, "heartbeat")}
     assert trials[killed.number].state == TrialState.FAIL
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1
@@ -184,7 +116,7 @@ def test_trial_of_a_killed_worker_is_failed_and_retried_by_the_next_worker(postg
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
     assert retries[0].system_attrs["retry_history"] == [killed.number]
     assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
-    assert len([t for t in trials.values() if t.state in _COUNTED]) >= options["n_trials"]
+    assert len([t for t in trials.values() if t.state in COUNTED]) >= options["n_trials"]
 
 
 @pytest.mark.slow
@@ -194,27 +126,27 @@ def test_killed_worker_on_a_journal_leaves_a_zombie_that_fail_stale_trials_clear
     options = {**BASE, "n_trials": 6, "storage": storage, "study_name": "zombie", "run_dir": str(saved / "run"),
                "warm_start": False}
     search(model, val, **{**options, "n_trials": 1})
-    with _processes() as start:
-        _hang_and_kill(start, saved, options)
+    with processes() as start:
+        hang_and_kill(start, saved, options, foreign_host=True)  # on this host, the next run would fail it
     time.sleep(0.2)  # so "older than 0.1 s" below is unambiguous
-    running = [t for t in _trials(storage, "zombie") if t.state == TrialState.RUNNING]
+    running = [t for t in trials_of(storage, "zombie") if t.state == TrialState.RUNNING]
     assert len(running) == 1, "a journal has no heartbeats: the killed trial stays RUNNING"
     zombie = running[0].number
 
     assert fail_stale_trials(storage, "zombie", older_than=3600) == []
     assert fail_stale_trials(storage, "zombie", older_than=0.1) == [zombie]
     assert fail_stale_trials(storage, "zombie", older_than=0.1) == []
-    assert _trials(storage, "zombie")[zombie].state == TrialState.FAIL
+    assert trials_of(storage, "zombie")[zombie].state == TrialState.FAIL
     with pytest.raises(StorageError, match="no study"):
         fail_stale_trials(storage, "missing", older_than=0)
     with pytest.raises(ValueError, match="older_than"):
         fail_stale_trials(storage, "zombie", older_than=-1)
 
     search(model, val, **options)  # resumes; the failed trial counts toward n_trials
-    trials = _trials(storage, "zombie")
+    trials = trials_of(storage, "zombie")
     assert len({t.number for t in trials}) == len(trials)
     assert all(t.state.is_finished() for t in trials)
-    assert len([t for t in trials if t.state in _COUNTED]) == options["n_trials"]
+    assert len([t for t in trials if t.state in COUNTED]) == options["n_trials"]
 
 
 @pytest.mark.slow
@@ -230,21 +162,21 @@ def test_ctrl_c_stops_without_a_traceback_and_the_same_search_resumes(trained, s
         # Only once a trial has finished: opening the storage while the worker is still creating
         # its tables races with it (both run CREATE TABLE).
         return progress.exists() and any(t.state == TrialState.RUNNING and t.params
-                                         for t in _trials(storage, "interrupted"))
+                                         for t in trials_of(storage, "interrupted"))
 
-    spec = _spec(saved, "interrupted", options, trial_sleep=0.5, progress=str(progress))
-    with _processes() as start:
+    spec = make_spec(saved, "interrupted", options, trial_sleep=0.5, progress=str(progress))
+    with processes() as start:
         process = start(spec)
-        _poll(lambda: inside_a_trial() or process.poll() is not None, 90, "a trial after the first")
-        assert process.poll() is None, _stderr(spec)[-3000:]
+        poll(lambda: inside_a_trial() or process.poll() is not None, 90, "a trial after the first")
+        assert process.poll() is None, stderr_of(spec)[-3000:]
         process.send_signal(signal.SIGINT)
         status = process.wait(timeout=30)
-    stderr = _stderr(spec)
+    stderr = stderr_of(spec)
     assert status == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert f"interrupted; re-run the same command to resume study 'interrupted' at {storage}" in stderr
 
-    before = _trials(storage, "interrupted")
+    before = trials_of(storage, "interrupted")
     assert not [t for t in before if t.state == TrialState.RUNNING]
     # Inside a trial Ctrl-C fails that trial; in Optuna's bookkeeping it stops after it (no FAIL).
     assert len([t for t in before if t.state == TrialState.FAIL]) <= 1
@@ -253,11 +185,11 @@ def test_ctrl_c_stops_without_a_traceback_and_the_same_search_resumes(trained, s
     assert done
 
     search(model, val, **options)
-    after = _trials(storage, "interrupted")
+    after = trials_of(storage, "interrupted")
     assert len({t.number for t in after}) == len(after)
     assert {t.number: (t.params, t.datetime_complete) for t in after if t.number in done} == done
     assert not [t for t in after if t.state == TrialState.RUNNING]
-    assert len([t for t in after if t.state in _COUNTED]) == options["n_trials"]
+    assert len([t for t in after if t.state in COUNTED]) == options["n_trials"]
 
 
 def test_seeded_search_repeats_its_trials_when_the_latency_table_is_reused(trained, tmp_path: Path) -> None:
@@ -272,7 +204,7 @@ def test_seeded_search_repeats_its_trials_when_the_latency_table_is_reused(train
     table = (tmp_path / "second" / TABLE_FILE).read_bytes()
     second = search(model, val, run_dir=str(tmp_path / "second"), **options)
     assert (tmp_path / "second" / TABLE_FILE).read_bytes() == table, "the copied table was measured again"
-    runs = [[t.params for t in _trials(result.storage, result.study_name)] for result in (first, second)]
+    runs = [[t.params for t in trials_of(result.storage, result.study_name)] for result in (first, second)]
     assert len(runs[0]) == options["n_trials"]
     assert runs[0] == runs[1]
     assert second.latency_table.to_dict() == first.latency_table.to_dict()
