@@ -24,35 +24,8 @@ from lrsearch._errors import (
 )
 from lrsearch._version import __version__
 
-_CORE = (
-    "CHECKPOINT_KEY",
-    "CONV_SCHEMES",
-    "DENSE",
-    "Cost",
-    "Decomposition",
-    "LayerGeometry",
-    "LowRankCheckpointMixin",
-    "LowRankConv2d",
-    "LowRankLinear",
-    "apply_recipe",
-    "break_even_rank",
-    "candidate_ranks",
-    "count_macs",
-    "count_params",
-    "dense_cost",
-    "factorize",
-    "factorized_cost",
-    "full_rank",
-    "get_recipe",
-    "load",
-    "on_load_checkpoint",
-    "on_save_checkpoint",
-    "read_recipe",
-    "save",
-    "select_targets",
-)
+# The upper layers' names; every other name of __all__ that is not imported above is lrsearch.core's.
 _LAZY = {
-    **dict.fromkeys(_CORE, "lrsearch.core"),
     "CompressionResult": "lrsearch.pipeline",
     "FinetuneConfig": "lrsearch.pipeline",
     "RankSearch": "lrsearch.pipeline",
@@ -68,33 +41,6 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from lrsearch.core import (
-        CHECKPOINT_KEY,
-        CONV_SCHEMES,
-        DENSE,
-        Cost,
-        Decomposition,
-        LayerGeometry,
-        LowRankCheckpointMixin,
-        LowRankConv2d,
-        LowRankLinear,
-        apply_recipe,
-        break_even_rank,
-        candidate_ranks,
-        count_macs,
-        count_params,
-        dense_cost,
-        factorize,
-        factorized_cost,
-        full_rank,
-        get_recipe,
-        load,
-        on_load_checkpoint,
-        on_save_checkpoint,
-        read_recipe,
-        save,
-        select_targets,
-    )
     from lrsearch.measure import Budget, LoggedMetric, parse_budget
     from lrsearch.pipeline import CompressionResult, FinetuneConfig, RankSearch, RunSpec, compress
     from lrsearch.study import Candidate, SearchConfig, SearchResult, search
@@ -102,10 +48,10 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     """Import a layer on first use (optuna's lazy-import pattern): ``lrsearch --help`` needs no torch."""
-    if name in _LAZY:
+    if name in _LAZY or name in __all__:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY.get(name, "lrsearch.core")), name)
     raise AttributeError(f"module 'lrsearch' has no attribute {name!r}")
 
 

@@ -232,10 +232,6 @@ def _parse_message(message: str, parser: Any) -> str:
     unknown = re.search(r"unrecognized arguments: (--[\w.]+)", message)
     if unknown:
         return f"unrecognized arguments: {unknown.group(1)}{did_you_mean(unknown.group(1), ['--' + k for k in keys])}"
-    key = re.search(r"Group '([\w.]+)' does not accept option '(\w+)'|Option '([\w.]+)' is not accepted", message)
-    if key:
-        name = f"{key.group(1)}.{key.group(2)}" if key.group(1) else key.group(3)
-        return f"the config key {name!r} is not an option{did_you_mean(name, keys)}"
     where = re.search(r'Parser key "([^"]+)"', message)
     prefix = f"{where.group(1)}: " if where else ""
     problem = re.search(r"Problem with given class_path '([^']+)':\n(.+?)(?=\n    - |\n  Given value|\Z)", message,
@@ -243,6 +239,11 @@ def _parse_message(message: str, parser: Any) -> str:
     if problem:
         detail = re.sub(r'Parser key "([^"]+)":\s*', r"\1: ", _one_line(problem.group(2)))
         return f"{prefix}cannot use class_path {problem.group(1)!r}: {detail}"
+    key = re.search(r"(Group|Subcommand) '([\w.]+)' does not accept option '([\w.]+)'|Option '([\w.]+)' is not accepted",
+                    message)
+    if key:
+        name = key.group(4) or (key.group(3) if key.group(1) == "Subcommand" else f"{key.group(2)}.{key.group(3)}")
+        return f"the config key {name!r} is not an option{did_you_mean(name, keys)}"
     given = re.search(r"Given value: (.+)", message)
     subclass = re.search(r"does not correspond to a subclass of (\w+)", message)
     if subclass:

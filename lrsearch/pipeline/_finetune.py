@@ -63,7 +63,7 @@ class DistillationError(LrSearchError, ValueError):
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Options of :func:`finetune`; every value is checked by name.
+    """Options of the fine-tune of each candidate (lrsearch.pipeline.finetune); each is checked by name.
 
     Attributes:
         epochs: passes over the training data per candidate; unset: from the training set's size,

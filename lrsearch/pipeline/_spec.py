@@ -95,7 +95,7 @@ class RunSpec:
 
     budget: str | float = "0.5%"
     search_budget: str | float | None = AUTO
-    run_dir: str | None = None
+    run_dir: str | Path | None = None
     max_finetunes: int = 6
     select_fraction: float = 0.5
     max_samples: int | None = 20_000

@@ -30,7 +30,7 @@ STUDY_FILE = "study.db"
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Options of :func:`lrsearch.search`; unknown names are rejected, values checked by name.
+    """Options of a rank search (lrsearch.search, and the search step of a run); each is checked by name.
 
     Inside a run (:func:`lrsearch.compress`, ``RankSearch``, ``lrsearch tune``) leave ``budget``
     and ``run_dir`` unset: the run sets them from its own ``search_budget`` and ``run_dir``.

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lrsearch
 from lrsearch.measure import Evaluator, paired_drop_interval
-from lrsearch.pipeline import _compress
+from lrsearch.pipeline import _compress, _outcome
 from lrsearch.pipeline._data import DataError
 
 FAST = {"search": {"n_trials": 6, "objective": "macs", "seed": 1},
@@ -259,7 +259,7 @@ def test_lightning_namespace_callback(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("interval", "warned"), [([0.001, 0.009], True), ([-0.004, 0.004], False),
                                                   ([0.006, 0.02], False), (None, False)])
 def test_a_test_split_too_small_to_decide_is_flagged(interval, warned) -> None:
-    message = _compress._undecided_warning(interval, 0.005, "test")
+    message = _outcome.undecided_warning(interval, 0.005, "test")
     assert (message is not None) == warned
     if warned:
         assert "0.10 to 0.90 points" in message and "allowed 0.50 points" in message
@@ -278,7 +278,8 @@ def test_the_test_split_is_scored_once_per_reported_model(tmp_path: Path, monkey
             scored.append((role, len(scored)))
             return super().evaluate(model)
 
-    monkeypatch.setattr(_compress, "Evaluator", Counting)
+    monkeypatch.setattr(_compress, "Evaluator", Counting)  # the selection split
+    monkeypatch.setattr(_outcome, "Evaluator", Counting)  # the test split
     callback = lrsearch.RankSearch("2%", run_dir=tmp_path / "lrs", max_finetunes=3, **FAST)
     _fit(tmp_path, callback, datamodule=Data())
     result = callback.result
