@@ -108,7 +108,7 @@ def _uniform_ladder(module: nn.Module, calibration: list[Any]) -> tuple[list[tup
 def _aimet_ladder(task: Any) -> tuple[list[tuple[str, Callable[[], nn.Module]]], float, int]:
     """AIMET's sensitivity table, then every distinct threshold allocation, dearest first."""
     started = time.perf_counter()
-    scorer = _methods._Scorer(task, "100%")  # no constraint before fine-tuning: the ladder is walked
+    scorer = _methods._Scorer(task, "99%")  # no constraint before fine-tuning: the ladder is walked
     decomposition = _methods._decomposition(task, scorer, "whitened")
     ratios = [i / task.ratios for i in range(1, task.ratios)]
     table: dict[str, dict[float, tuple[int, float]]] = {}
@@ -129,7 +129,9 @@ def _aimet_ladder(task: Any) -> tuple[list[tuple[str, Callable[[], nn.Module]]],
         if ranks:
             allocations.setdefault(tuple(sorted(ranks.items())), ranks)
     ordered = sorted(allocations.values(), key=lambda ranks: -_methods._macs(decomposition, ranks))
-    ladder = [(f"{len(ranks)} layers", lambda ranks=ranks: decomposition.build(dict(ranks))) for ranks in ordered]
+    dense = _methods._macs(decomposition, {})
+    ladder = [(f"{len(ranks)} layers, {_methods._macs(decomposition, ranks) / dense:.0%} of the MACs",
+               lambda ranks=ranks: decomposition.build(dict(ranks))) for ranks in ordered]
     return ladder, time.perf_counter() - started, scorer.evaluations
 
 
@@ -239,7 +241,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--budget", default="0.5%")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of every latency measurement")
+    parser.add_argument("--train_threads", type=int, default=1,
+                        help="CPU threads of evaluation and fine-tuning (1 is fastest on a shared machine)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None,
                         help="fine-tuning epochs of every method (default: FinetuneConfig's own, from the data size)")
@@ -249,7 +253,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.train_threads)
     started = time.perf_counter()
     results = [run_model(arch, budget=args.budget, threads=args.threads, quick=args.quick, epochs=args.epochs)
                for arch in args.models]

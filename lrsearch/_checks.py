@@ -61,12 +61,13 @@ def check_int(name: str, value: object, *, low: int, optional: bool = False) -> 
         raise OptionError(f"{name} must be an integer of at least {low}{nothing} but got {value!r}.")
 
 
-def check_positive(name: str, value: object, *, optional: bool = False) -> None:
-    """``value`` is a positive finite number (or None when ``optional``)."""
+def check_positive(name: str, value: object, *, optional: bool = False, zero: bool = False) -> None:
+    """``value`` is a positive (or, with ``zero``, non-negative) finite number, or None when ``optional``."""
     if optional and value is None:
         return
-    if not (is_real(value) and value > 0):  # type: ignore[operator]
-        raise OptionError(f"{name} must be a positive finite number but got {value!r}.")
+    if not (is_real(value) and (value >= 0 if zero else value > 0)):  # type: ignore[operator]
+        kind = "a finite number of at least 0" if zero else "a positive finite number"
+        raise OptionError(f"{name} must be {kind} but got {value!r}.")
 
 
 def check_unit_interval(name: str, value: object, *, open_low: bool = False, open_high: bool = False) -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import lrsearch
-from lrsearch._checks import OptionError, UnknownOptionError, did_you_mean
-from lrsearch._errors import BudgetError, Interrupted, LrSearchError, format_problem
+from lrsearch._checks import did_you_mean
+from lrsearch._errors import Interrupted, LrSearchError, format_problem
 from lrsearch._version import __version__
 
 PROG = "lrsearch"
@@ -284,7 +284,7 @@ def _spec_of(command: str, args: Any) -> Any:
 def _built(group: str, kind: type, values: dict[str, Any]) -> Any:
     try:
         return kind(**values)
-    except (OptionError, UnknownOptionError, BudgetError) as error:
+    except (ValueError, TypeError) as error:  # OptionError, UnknownOptionError and any other check
         raise UsageError(f"{group}.{error}") from None
 
 
@@ -342,12 +342,13 @@ def _run_job(command: str, parser: Any, args: Any) -> int:
 
 
 def _compress(command: str, run: Any, module: Any, datamodule: Any, description: str) -> int:
-    from lrsearch.pipeline._summary import summary_text, threads_text
+    from lrsearch.pipeline._report import render_text
     from lrsearch.study._storage import redacted
 
     spec, search, layout = run.spec, run.search, run.layout
     trials = (f"{search.n_trials} trials found by the workers, no new ones" if command == "finalize" else
-              f"{search.n_trials} trials ({search.sampler}, objective {search.objective}{threads_text(search.threads)})")
+              f"{search.n_trials} trials ({search.sampler}, objective {search.objective}"
+              f"{'' if search.threads is None else f', {search.threads} thread(s)'})")
     epochs = "epochs from the training set's size" if spec.finetune.epochs is None else \
         f"{spec.finetune.epochs} epoch(s)"
     print(f"{PROG} {command}: {description}")
@@ -362,7 +363,7 @@ def _compress(command: str, run: Any, module: Any, datamodule: Any, description:
     started = time.perf_counter()
     result = lrsearch.compress(module, spec, datamodule=datamodule)
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
-    print(summary_text(result.report, {name: str(path) for name, path in result.paths.items()}, layout.root))
+    print(render_text(result.report, run_dir=layout.root))
     return EXIT_OK if result.meets_budget else EXIT_MISSED
 
 
@@ -401,15 +402,17 @@ def _run_dashboard(_command: str, _parser: Any, args: Any) -> int:
 
     url = storage_of(args.target)
     check_study_exists(url)
-    try:
-        import optuna_dashboard
-    except ImportError as error:
-        raise UsageError("the dashboard needs optuna-dashboard: pip install 'lrsearch[dashboard]'") from error
+    import importlib.util
+
+    from lrsearch.study._dashboard import serve_dashboard
+
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        raise UsageError("the dashboard needs optuna-dashboard: pip install 'lrsearch[dashboard]'")
     storage = open_storage(url, heartbeat_interval=None)
     print(f"Serving optuna-dashboard for {redacted(url)} on http://{args.host}:{args.port}/ (Ctrl-C stops)",
           flush=True)
     try:
-        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+        serve_dashboard(storage, host=args.host, port=args.port)
     except KeyboardInterrupt:
         return EXIT_OK
     except OSError as error:

@@ -3,8 +3,9 @@
 Depends on torch only; never imports Optuna or Lightning.
 """
 
+from lrsearch.core._attention import LowRankMultiheadAttention
 from lrsearch.core._calibration import LayerStatistics, collect_statistics
-from lrsearch.core._conv import CONV_SCHEMES, LowRankConv2d
+from lrsearch.core._conv import CONV_SCHEMES, LowRankConv1d, LowRankConv2d
 from lrsearch.core._cost import (
     Cost,
     LayerGeometry,
@@ -17,7 +18,8 @@ from lrsearch.core._cost import (
     full_rank,
     macs_per_sample,
 )
-from lrsearch.core._decomposition import DENSE, Decomposition, factorize
+from lrsearch.core._coverage import Coverage, ModuleCoverage
+from lrsearch.core._decomposition import DENSE, Decomposition, coverage, factorize
 from lrsearch.core._factors import MatrixFactors, TuckerFactors, matrix_factors, tucker2_factors
 from lrsearch.core._linear import LowRankLinear
 from lrsearch.core._runtime import default_forward, evaluating
@@ -38,14 +40,18 @@ __all__ = [
     "CHECKPOINT_KEY",
     "CONV_SCHEMES",
     "Cost",
+    "Coverage",
     "DENSE",
     "Decomposition",
     "LayerGeometry",
     "LayerStatistics",
     "LowRankCheckpointMixin",
+    "LowRankConv1d",
     "LowRankConv2d",
     "LowRankLinear",
+    "LowRankMultiheadAttention",
     "MatrixFactors",
+    "ModuleCoverage",
     "TargetSelection",
     "TuckerFactors",
     "apply_recipe",
@@ -54,6 +60,7 @@ __all__ = [
     "collect_statistics",
     "count_macs",
     "count_params",
+    "coverage",
     "default_forward",
     "dense_cost",
     "evaluating",

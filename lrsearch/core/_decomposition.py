@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -23,16 +23,19 @@ from lrsearch._errors import (
     UnsupportedLayerError,
     format_problem,
 )
-from lrsearch.core._calibration import LayerStatistics, collect_statistics, spatial_gram
-from lrsearch.core._conv import CONV_SCHEMES, ConvRank, LowRankConv2d, check_conv_rank, conv_weight_matrix
-from lrsearch.core._cost import LayerGeometry, full_rank, geometry_of
-from lrsearch.core._factors import MatrixFactors, TuckerFactors, matrix_factors, tucker2_factors
-from lrsearch.core._linear import LowRankLinear, check_rank
-from lrsearch.core._runtime import ForwardFn
-from lrsearch.core._surgery import clone_with
-from lrsearch.core._targets import SUPPORTED_TYPES, Patterns, select_targets
+from lrsearch.core._calibration import LayerStatistics, collect_statistics
+from lrsearch.core._conv import ConvRank
+from lrsearch.core._cost import macs_per_sample
+from lrsearch.core._coverage import Coverage
+from lrsearch.core._factors import TuckerFactors
+from lrsearch.core._geometry import LayerGeometry
+from lrsearch.core._kind import Factors, LayerKind
+from lrsearch.core._kinds import KINDS, kind_of, supported_labels
+from lrsearch.core._runtime import ForwardFn, default_forward
+from lrsearch.core._surgery import clone_with, explicit_model
+from lrsearch.core._targets import Patterns, name_matches, select_targets
 
-__all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "factorize"]
+__all__ = ["DENSE", "Decomposition", "Method", "RankMap", "Ranks", "coverage", "factorize"]
 
 DENSE = "dense"
 Method = Literal["svd", "whitened"]
@@ -65,7 +68,7 @@ class Decomposition:
 
     def __init__(self, model: nn.Module, *, method: Method = "whitened",
                  calibration: Iterable[Any] | None = None, forward: ForwardFn | None = None,
-                 target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+                 target_types: Sequence[type[nn.Module]] | None = None,
                  target_modules: Patterns = None, exclude_modules: Patterns = None,
                  layers: Collection[str] | None = None,
                  conv_scheme: str | Mapping[str, str] = "channel",
@@ -81,10 +84,18 @@ class Decomposition:
         self.model = model
         self.method: Method = method
         self.ridge = float(ridge)
-        selection = select_targets(model, target_types=target_types, target_modules=target_modules,
+        explicit = explicit_model(model)
+        self._work, self._hosts = explicit.model, explicit.hosts
+        selection = select_targets(self._work, target_types=target_types, target_modules=target_modules,
                                    exclude_modules=exclude_modules)
-        self._skipped: dict[str, str] = dict(selection.skipped)
-        self._all_names = [name for name, _ in model.named_modules() if name]
+        self._skipped: dict[str, str] = {
+            name: reason for name, reason in explicit.skipped.items()
+            if (target_modules is None or name_matches(name, target_modules))
+            and not name_matches(name, exclude_modules)}
+        self._skipped.update(selection.skipped)
+        self._all_names = [name for name, _ in self._work.named_modules() if name]
+        self._forward = forward or default_forward
+        self._example: Any = None
         targets = selection.targets
         if layers is not None:
             for name in layers:
@@ -94,8 +105,9 @@ class Decomposition:
         self._stats: dict[str, LayerStatistics] = {}
         if calibration is not None:
             needs_gram = list(targets) if method == "whitened" else []
-            self._stats = collect_statistics(model, targets, calibration, covariance=needs_gram,
-                                             forward=forward, max_batches=max_calibration_batches)
+            self._stats = collect_statistics(self._work, targets, self._remember_first(calibration),
+                                             covariance=needs_gram, forward=forward,
+                                             max_batches=max_calibration_batches)
             for name, stats in self._stats.items():
                 if stats.calls == 0:
                     self._skipped[name] = ("its forward() never ran during calibration; its parent "
@@ -106,30 +118,50 @@ class Decomposition:
                 "No target layer can be factorized",
                 given="; ".join(f"{n}: {r}" for n, r in list(self._skipped.items())[:5]) or "no layers"))
         self._targets: dict[str, nn.Module] = targets
-        self._factors: dict[tuple[str, str], MatrixFactors | TuckerFactors] = {}
+        self._factors: dict[tuple[str, str], Factors] = {}
+
+    def _remember_first(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Pass the calibration batches through, keeping the first for :meth:`coverage`'s MAC count."""
+        for batch in batches:
+            if self._example is None:
+                self._example = batch
+            yield batch
 
     def _resolve_schemes(self, conv_scheme: str | Mapping[str, str],
                          targets: Mapping[str, nn.Module]) -> dict[str, str]:
-        mapping = conv_scheme if isinstance(conv_scheme, Mapping) else {}
-        for name in mapping:
-            self._check_known(name, targets)
+        """Each target's default scheme: its entry in a map, else a str scheme if its kind has it."""
+        known = {scheme for kind in KINDS for scheme in kind.schemes}
+        if isinstance(conv_scheme, Mapping):
+            for name in conv_scheme:
+                self._check_known(name, targets)
+        elif conv_scheme not in known:
+            raise ValueError(format_problem(f"Unknown conv scheme {conv_scheme!r}",
+                                            expected=f"one of {sorted(known)}"))
         schemes: dict[str, str] = {}
         for name, module in targets.items():
-            if isinstance(module, nn.Linear):
-                schemes[name] = "linear"
-                continue
-            scheme = mapping.get(name, "channel") if isinstance(conv_scheme, Mapping) else conv_scheme
-            schemes[name] = self._check_scheme(name, scheme)
+            kind = self._kind_of(module)
+            if isinstance(conv_scheme, Mapping):
+                scheme = conv_scheme.get(name, kind.schemes[0])
+            else:
+                scheme = conv_scheme if conv_scheme in kind.schemes else kind.schemes[0]
+            schemes[name] = self._check_scheme(name, kind, scheme)
         return schemes
 
-    def _check_scheme(self, name: str, scheme: str) -> str:
-        if scheme not in CONV_SCHEMES:
-            raise ValueError(format_problem(f"Unknown conv scheme {scheme!r} for {name}",
-                                            expected=f"one of {list(CONV_SCHEMES)}"))
-        if scheme == "tucker2" and self.method == "whitened":
+    @staticmethod
+    def _kind_of(module: nn.Module) -> LayerKind:
+        kind = kind_of(module)
+        assert kind is not None, "select_targets only returns modules of a known kind"
+        return kind
+
+    def _check_scheme(self, name: str, kind: LayerKind, scheme: str) -> str:
+        if scheme not in kind.schemes:
             raise ValueError(format_problem(
-                f"conv_scheme='tucker2' (layer {name}) has no data-aware decomposition",
-                expected="method='svd' with tucker2, or conv_scheme 'channel' or 'spatial' with whitening",
+                f"Unknown scheme {scheme!r} for layer {name!r}, a {kind.label}",
+                expected=f"one of {list(kind.schemes)}"))
+        if self.method == "whitened" and scheme not in kind.whitened_schemes:
+            raise ValueError(format_problem(
+                f"conv_scheme={scheme!r} (layer {name}) has no data-aware decomposition",
+                expected=f"method='svd' with {scheme}, or one of {list(kind.whitened_schemes)} with whitening",
                 hint="use method='svd', or another scheme for this layer."))
         return scheme
 
@@ -141,10 +173,11 @@ class Decomposition:
                 f"Layer {name!r} cannot be factorized: {self._skipped[name]}",
                 hint="leave it out of the rank map (it stays dense)."))
         if name in self._all_names:
-            module = self.model.get_submodule(name)
+            module = self._work.get_submodule(name)
             raise UnknownLayerError(format_problem(
                 f"Layer {name!r} ({type(module).__name__}) is not a target",
-                expected="a Linear or Conv2d selected by target_types/target_modules and not excluded",
+                expected=f"a layer of a supported kind ({supported_labels()}) selected by "
+                         "target_types/target_modules and not excluded",
                 hint="check target_modules and exclude_modules."))
         close = difflib.get_close_matches(name, list(targets) or self._all_names, n=3)
         raise UnknownLayerError(format_problem(
@@ -152,6 +185,22 @@ class Decomposition:
             hint=f"did you mean {close}?" if close else f"target layers are {list(targets)[:8]}"))
 
     # ------------------------------------------------------------------ introspection
+    @property
+    def working_model(self) -> nn.Module:
+        """The model as decomposed: ``model`` itself, or (when it has ``nn.MultiheadAttention``
+        layers) a copy sharing every tensor with it whose attention layers are
+        :class:`LowRankMultiheadAttention` with dense projections, so that ``…attn.in_proj`` and
+        ``…attn.out_proj`` are modules. Target names refer to it; treat it as read-only."""
+        return self._work
+
+    def coverage(self) -> Coverage:
+        """Every parameter-holding module, classified, and the share of parameters (and of MACs per
+        sample, measured on the first calibration batch) that the search can change."""
+        total = None if self._example is None else macs_per_sample(self._work, self._example,
+                                                                    forward=self._forward)
+        return Coverage.of(self._work, targets={name: self.geometry(name) for name in self._targets},
+                           skipped=self._skipped, total_macs=total)
+
     @property
     def targets(self) -> tuple[str, ...]:
         """Dotted names of the layers this decomposition can factorize, in model order."""
@@ -167,31 +216,38 @@ class Decomposition:
         return self._targets[name]
 
     def scheme(self, name: str) -> str:
-        """``"linear"`` for a Linear, else the layer's default conv scheme."""
+        """The layer's default scheme: ``"linear"`` for Linear-like layers, else its conv scheme."""
         self._check_known(name, self._targets)
         return self._schemes[name]
+
+    def schemes(self, name: str) -> tuple[str, ...]:
+        """Every scheme the layer's kind offers (its default first), whether or not it is the layer's default."""
+        return self._kind(name).schemes
+
+    def _kind(self, name: str) -> LayerKind:
+        return self._kind_of(self.module(name))
 
     def geometry(self, name: str) -> LayerGeometry:
         """Shapes for the cost model, including per-sample positions seen during calibration."""
         stats = self._stats.get(name, LayerStatistics())
-        return geometry_of(self.module(name), input_shape=stats.input_shape,
-                           output_shape=stats.output_shape, rows=stats.rows_per_sample)
+        return self._kind(name).geometry(self.module(name), input_shape=stats.input_shape,
+                                         output_shape=stats.output_shape, rows=stats.rows_per_sample)
 
     def full_rank(self, name: str, scheme: str | None = None) -> ConvRank:
-        return full_rank(self.geometry(name), self._scheme_for(name, scheme))
+        return self._kind(name).full_rank(self.geometry(name), self._scheme_for(name, scheme))
 
     def _scheme_for(self, name: str, scheme: str | None) -> str:
         default = self.scheme(name)
-        if scheme is None or default == "linear":
-            return default
-        return self._check_scheme(name, scheme)
+        return default if scheme is None else self._check_scheme(name, self._kind(name), scheme)
 
-    def factors(self, name: str, scheme: str | None = None) -> MatrixFactors | TuckerFactors:
+    def factors(self, name: str, scheme: str | None = None) -> Factors:
         """The cached decomposition of one layer (computed on first request)."""
         scheme = self._scheme_for(name, scheme)
         key = (name, scheme)
         if key not in self._factors:
-            self._factors[key] = self._decompose(name, scheme)
+            gram = self._stats[name].gram if self.method == "whitened" else None
+            self._factors[key] = self._kind(name).decompose(self._targets[name], scheme, gram=gram,
+                                                            ridge=self.ridge)
         return self._factors[key]
 
     def singular_values(self, name: str, scheme: str | None = None) -> torch.Tensor:
@@ -200,19 +256,6 @@ class Decomposition:
         if isinstance(factors, TuckerFactors):
             return factors.out_singular_values
         return factors.singular_values
-
-    def _decompose(self, name: str, scheme: str) -> MatrixFactors | TuckerFactors:
-        module = self._targets[name]
-        weight = module.weight
-        if scheme == "tucker2":
-            return tucker2_factors(weight)
-        matrix = weight if scheme == "linear" else conv_weight_matrix(weight, scheme)
-        gram = None
-        if self.method == "whitened":
-            gram = self._stats[name].gram
-            if scheme == "spatial":
-                gram = spatial_gram(gram, module.in_channels, tuple(module.kernel_size))  # type: ignore[arg-type]
-        return matrix_factors(matrix, gram=gram, ridge=self.ridge, dtype=weight.dtype)
 
     # ------------------------------------------------------------------ building
     def resolve(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None
@@ -253,27 +296,15 @@ class Decomposition:
             if isinstance(value, str):
                 raise InvalidRankError(format_problem(
                     f"Unknown rank {value!r} for layer {name}", expected="an int or 'dense'"))
-            what = f"layer {name!r} ({self._describe(name)})"
-            rank = check_rank(value, top, what=what) if isinstance(top, int) else check_conv_rank(
-                value, top, what=what)
-            plan[name] = (scheme, rank)
+            kind = self._kind(name)
+            what = f"layer {name!r} ({kind.describe(self._targets[name])})"
+            plan[name] = (scheme, kind.check_rank(value, self.geometry(name), scheme, what=what))
         return plan
-
-    def _describe(self, name: str) -> str:
-        module = self._targets[name]
-        if isinstance(module, nn.Linear):
-            return f"Linear {module.in_features}→{module.out_features}"
-        kh, kw = module.kernel_size  # type: ignore[misc]
-        return f"Conv2d {module.in_channels}→{module.out_channels}, {kh}×{kw}"  # type: ignore[str-format]
 
     def layer(self, name: str, rank: ConvRank, *, scheme: str | None = None) -> nn.Module:
         """One low-rank replacement module for layer ``name`` at ``rank``, from cached factors."""
         scheme = self._scheme_for(name, scheme)
-        module = self._targets[name]
-        factors = self.factors(name, scheme)
-        if isinstance(module, nn.Linear):
-            return LowRankLinear.from_dense(module, int(rank), factors=factors)  # type: ignore[arg-type]
-        return LowRankConv2d.from_dense(module, rank, scheme=scheme, factors=factors)  # type: ignore[arg-type]
+        return self._kind(name).from_dense(self._targets[name], rank, scheme, self.factors(name, scheme))
 
     @torch.inference_mode(False)
     def build(self, ranks: Ranks, *, schemes: Mapping[str, str] | None = None) -> nn.Module:
@@ -283,17 +314,31 @@ class Decomposition:
         inside ``torch.inference_mode()``.
         """
         plan = self.resolve(ranks, schemes=schemes)
-        replacements = {name: self.layer(name, rank, scheme=scheme) for name, (scheme, rank) in plan.items()}
-        return clone_with(self.model, replacements)
+        layers = {name: self.layer(name, rank, scheme=scheme) for name, (scheme, rank) in plan.items()}
+        return clone_with(self.model, self._hosted(layers))
+
+    def _hosted(self, layers: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        """Replacements for ``model``: a layer inside a converted host goes into a fresh copy of the host."""
+        replacements: dict[str, nn.Module] = {}
+        for name, layer in layers.items():
+            host_name, _, child = name.rpartition(".")
+            if host_name not in self._hosts:
+                replacements[name] = layer
+                continue
+            if host_name not in replacements:
+                replacements[host_name] = self._hosts[host_name].convert(self.model.get_submodule(host_name),
+                                                                         share=False)
+            setattr(replacements[host_name], child, layer)
+        return replacements
 
 
 def factorize(model: nn.Module, ranks: Ranks, *, method: Method = "whitened",
               calibration: Iterable[Any] | None = None, forward: ForwardFn | None = None,
-              target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+              target_types: Sequence[type[nn.Module]] | None = None,
               target_modules: Patterns = None, exclude_modules: Patterns = None,
               conv_scheme: str | Mapping[str, str] = "channel",
               max_calibration_batches: int | None = None, ridge: float = 1e-6) -> nn.Module:
-    """Return a copy of ``model`` with its Linear/Conv2d layers replaced by low-rank layers.
+    """Return a copy of ``model`` with its supported layers replaced by low-rank layers.
 
     ``ranks``: one int for all target layers, a float fraction of each layer's full rank, or a
     map ``{module name: int | "dense"}`` (only the listed layers are decomposed). Everything
@@ -312,3 +357,20 @@ def factorize(model: nn.Module, ranks: Ranks, *, method: Method = "whitened",
                                   conv_scheme=conv_scheme,
                                   max_calibration_batches=max_calibration_batches, ridge=ridge)
     return decomposition.build(ranks)
+
+
+def coverage(model: nn.Module, example_batch: Any = None, *, forward: ForwardFn | None = None,
+             target_types: Sequence[type[nn.Module]] | None = None, target_modules: Patterns = None,
+             exclude_modules: Patterns = None) -> Coverage:
+    """What the rank search could change in ``model``: every parameter-holding module, classified.
+
+    With ``example_batch`` (one batch, fed like calibration batches) the MAC shares are
+    measured too and layers that never run are found. Raises :class:`NoMatchingModuleError`
+    (saying what the model holds instead) when nothing can be factorized. Equivalent to
+    ``Decomposition(model, method="svd", calibration=[example_batch], ...).coverage()``.
+    """
+    decomposition = Decomposition(model, method="svd", forward=forward,
+                                  calibration=None if example_batch is None else [example_batch],
+                                  target_types=target_types, target_modules=target_modules,
+                                  exclude_modules=exclude_modules)
+    return decomposition.coverage()

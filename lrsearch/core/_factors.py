@@ -8,6 +8,7 @@ search build a model for a new rank map without recomputing an SVD.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -18,6 +19,7 @@ __all__ = [
     "matrix_factors",
     "symmetric_sqrt",
     "tucker2_factors",
+    "whitening_route",
 ]
 
 
@@ -85,26 +87,63 @@ def symmetric_sqrt(gram: torch.Tensor, *, ridge: float) -> tuple[torch.Tensor, t
     return eigenvectors * root, (eigenvectors / root).T
 
 
+Route = Literal["auto", "input", "output"]
+
+
+def whitening_route(out_features: int, in_features: int) -> str:
+    """The cheaper exact route: ``"output"`` (an out × out eigenproblem) for wide layers, else ``"input"``."""
+    return "output" if out_features < in_features else "input"
+
+
 def matrix_factors(weight: torch.Tensor, *, gram: torch.Tensor | None = None,
-                   ridge: float = 1e-6, dtype: torch.dtype | None = None) -> MatrixFactors:
+                   ridge: float = 1e-6, dtype: torch.dtype | None = None,
+                   route: Route = "auto") -> MatrixFactors:
     """Factor ``weight`` (out × in) by plain SVD, or by whitened SVD when ``gram`` is given.
 
     With ``gram = Σ x xᵀ`` over calibration inputs, ``[W S]_k S⁻¹`` is the exact rank-k
-    minimizer of ``‖W X − W' X‖_F`` (Eckart–Young on the whitened weight). The singular
-    values are split evenly between both factors so neither is badly scaled.
+    minimizer of ``‖W X − W' X‖_F`` (Eckart–Young on the whitened weight). Two routes give
+    that optimum (algorithms.md §1): ``"input"`` takes a square root ``S`` of the in × in
+    gram, ``"output"`` the eigenvectors of the out × out ``W gram Wᵀ`` (AFM), which is far
+    cheaper when a layer has fewer outputs than inputs (a 3×3 conv with 512 channels has
+    4608 inputs). ``"auto"`` picks the cheaper one. The singular values are split evenly
+    between both factors so neither is badly scaled.
     """
     work = compute_dtype(weight.device)
     w = weight.detach().to(work)
+    out_dtype = dtype or weight.dtype
+    if gram is not None:
+        gram = gram.to(device=w.device, dtype=work)
+        if route == "auto":
+            route = whitening_route(*w.shape)  # type: ignore[assignment]
+        if route == "output" and float(gram.diagonal().sum()) > 0:
+            return _output_side(w, gram, ridge=ridge, dtype=out_dtype)
     if gram is None:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         right = vh
     else:
-        root, inverse_root = symmetric_sqrt(gram.to(device=w.device, dtype=work), ridge=ridge)
+        root, inverse_root = symmetric_sqrt(gram, ridge=ridge)
         u, s, vh = torch.linalg.svd(w @ root, full_matrices=False)
         right = vh @ inverse_root
     half = s.sqrt()
-    out_dtype = dtype or weight.dtype
     return MatrixFactors(left=(u * half).to(out_dtype), right=(half[:, None] * right).to(out_dtype),
+                         singular_values=s)
+
+
+def _output_side(w: torch.Tensor, gram: torch.Tensor, *, ridge: float, dtype: torch.dtype) -> MatrixFactors:
+    """Whitened factors from the eigenvectors ``U`` of ``W C Wᵀ``: ``[W S]_k S⁻¹ = U_k U_kᵀ W``.
+
+    ``C`` gets ``ridge·mean eigenvalue`` on its diagonal, the same floor the input route puts
+    under its eigenvalues, so both routes solve the same problem to O(ridge); no inverse is
+    ever taken. Components with (near-)zero energy keep unit scale instead of dividing by ~0.
+    """
+    n = gram.shape[0]
+    regularized = gram + (ridge * float(gram.diagonal().sum()) / n) * torch.eye(n, dtype=w.dtype, device=w.device)
+    output_gram = w @ regularized @ w.T
+    eigenvalues, u = torch.linalg.eigh((output_gram + output_gram.T) / 2)
+    eigenvalues, u = eigenvalues.flip(0), u.flip(1)
+    s = eigenvalues.clamp_min(0).sqrt()
+    scale = s.clamp_min(float(s[0]) * torch.finfo(w.dtype).eps if s[0] > 0 else 1.0).sqrt()
+    return MatrixFactors(left=(u * scale).to(dtype), right=((u.T @ w) / scale[:, None]).to(dtype),
                          singular_values=s)
 
 

@@ -72,15 +72,26 @@ class LowRankLinear(nn.Module):
     def from_dense(cls, linear: nn.Linear, rank: int, *,
                    factors: MatrixFactors | None = None) -> LowRankLinear:
         """Build from a dense Linear; ``factors`` (e.g. whitened) default to its plain SVD."""
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype)
+        return cls.from_weight(linear.weight, linear.bias, rank, factors=factors)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, rank: int, *,
+                    factors: MatrixFactors | None = None) -> LowRankLinear:
+        """Build the low-rank form of ``x ↦ x weightᵀ + bias`` (``weight`` is ``out × in``).
+
+        Any layer that computes a linear map (a transposed transformers ``Conv1D``, one
+        projection of an attention module) becomes a :class:`LowRankLinear` this way.
+        """
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, rank, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype)
         if factors is None:
-            factors = matrix_factors(linear.weight)
+            factors = matrix_factors(weight)
         left, right = factors.truncate(rank)
         assign_(layer.first.weight, right)
         assign_(layer.second.weight, left)
-        if linear.bias is not None:
-            assign_(layer.second.bias, linear.bias)
+        if bias is not None:
+            assign_(layer.second.bias, bias)
         return layer
 
     def to_dense(self) -> nn.Linear:

@@ -9,9 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ForwardFn", "batch_size_of", "default_forward", "evaluating", "model_device", "move_to_device"]
+__all__ = ["LABELS", "ForwardFn", "batch_size_of", "default_forward", "describe", "evaluating", "model_device",
+           "move_to_device", "output_field", "split_labels"]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+
+LABELS = "labels"
+"""The key of a dict batch that holds the targets (the Hugging Face convention)."""
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -36,16 +40,25 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """``model(batch)`` for a tensor, ``model(**batch)`` for a dict, else ``model(batch[0])``.
+def split_labels(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``(inputs, labels)`` of a dict batch: every entry but ``labels``, and ``labels`` (or None)."""
+    inputs = {key: value for key, value in batch.items() if key != LABELS}
+    return inputs, batch.get(LABELS)
 
-    This matches the common ``(inputs, targets)`` DataLoader convention; pass your own
-    function for anything else.
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """``model(batch)`` for a tensor, ``model(**inputs)`` for a dict, else ``model(batch[0])``.
+
+    This matches the common ``(inputs, targets)`` DataLoader convention and the Hugging Face
+    one (a dict or ``BatchEncoding`` whose ``labels`` are the targets). ``labels`` is left out
+    of a dict's inputs: given labels, a Hugging Face model also computes its loss, which
+    calibration, cost counting and timing must not pay for. Pass your own function for
+    anything else.
     """
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**split_labels(batch)[0])
     if isinstance(batch, (list, tuple)) and batch:
         return model(batch[0])
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model; "
@@ -62,6 +75,26 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def output_field(output: Any, name: str) -> Any:
+    """``output[name]`` of a dict or ``ModelOutput``, ``output.name`` of another object, else None."""
+    if isinstance(output, Mapping):
+        return output.get(name)
+    return getattr(output, name, None)
+
+
+def describe(value: Any) -> str:
+    """A short account of a batch or an output for error messages: types, keys and tensor shapes."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        kind = "dict" if type(value) is dict else type(value).__name__
+        return f"a {kind} with " + (", ".join(f"{key}: {describe(item)}" for key, item in value.items())
+                                    or "no entries")
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of [" + ", ".join(describe(item) for item in value) + "]"
+    return f"a {type(value).__name__}"
 
 
 def batch_size_of(batch: Any) -> int:

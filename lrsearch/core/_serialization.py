@@ -29,8 +29,7 @@ from torch import nn
 from lrsearch._atomic import atomic_write_bytes, atomic_write_json
 from lrsearch._errors import RecipeError, format_problem
 from lrsearch._version import __version__
-from lrsearch.core._conv import LowRankConv2d
-from lrsearch.core._linear import LowRankLinear
+from lrsearch.core._kinds import HOSTS, KINDS, host_for_explicit, host_of, kind_for_low_rank, kind_of
 from lrsearch.core._surgery import install
 
 __all__ = [
@@ -52,30 +51,13 @@ FORMAT = "lrsearch.recipe"
 FORMAT_VERSION = 1
 
 
-def _pair(value: Any) -> list[int]:
-    return [int(value[0]), int(value[1])]
-
-
-def _conv_geometry(conv: nn.Conv2d | LowRankConv2d) -> dict[str, Any]:
-    padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
-    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
-            "kernel_size": _pair(conv.kernel_size), "stride": _pair(conv.stride),
-            "padding": padding, "dilation": _pair(conv.dilation), "padding_mode": conv.padding_mode,
-            "bias": conv.bias is not None}
-
-
 def get_recipe(model: nn.Module) -> dict[str, Any]:
     """The JSON-serializable structure of every low-rank layer in ``model`` (primitive types only)."""
     layers: dict[str, Any] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LowRankLinear):
-            layers[name] = {"type": "linear", "scheme": "linear", "rank": module.rank,
-                            "in_features": module.in_features, "out_features": module.out_features,
-                            "bias": module.second.bias is not None}
-        elif isinstance(module, LowRankConv2d):
-            rank = list(module.rank) if isinstance(module.rank, tuple) else module.rank
-            layers[name] = {"type": "conv2d", "scheme": module.scheme, "rank": rank,
-                            **_conv_geometry(module)}
+        kind = kind_for_low_rank(module) or host_for_explicit(module)
+        if kind is not None:
+            layers[name] = kind.recipe_entry(module)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "lrsearch_version": __version__,
             "layers": layers}
 
@@ -96,58 +78,46 @@ def _check_recipe(recipe: Any, *, source: str) -> Mapping[str, Any]:
 
 
 def _plan(model: nn.Module, layers: Mapping[str, Any], *, source: str) -> dict[str, nn.Module]:
-    """Validate every recipe entry against ``model`` and build (not install) the replacements."""
+    """Validate every recipe entry against ``model`` and build (not install) the replacements.
+
+    Entries are planned outer first: a layer inside a converted host (``attn.in_proj`` inside
+    ``attn``) is put into the host's replacement, so the plan holds top-level replacements only.
+    """
     modules = dict(model.named_modules())
     plan: dict[str, nn.Module] = {}
-    for name, entry in layers.items():
+    for name in sorted(layers, key=lambda layer: layer.count(".")):
+        entry = layers[name]
         if name not in modules:
             raise RecipeError(format_problem(
                 f"{source} names layer {name!r}, which the model does not have",
                 hint="pass a fresh instance of the architecture that was compressed."))
         dense = modules[name]
         try:
-            plan[name] = _replacement(dense, entry)
+            replacement = _replacement(dense, entry)
         except (KeyError, TypeError, ValueError) as error:
             raise RecipeError(format_problem(
                 f"{source} entry for layer {name!r} does not fit the model: {error}",
                 given=f"{type(dense).__name__} in the model, recipe entry {entry!r}",
                 hint="pass a fresh instance of the architecture that was compressed.")) from error
+        owner = next((outer for outer in plan if name.startswith(outer + ".")), None)
+        if owner is None:
+            plan[name] = replacement
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(plan[owner].get_submodule(parent[len(owner) + 1:]), child, replacement)
+        modules.update({f"{name}.{sub}" if sub else name: module for sub, module in replacement.named_modules()})
     return plan
 
 
 def _replacement(dense: nn.Module, entry: Mapping[str, Any]) -> nn.Module:
-    options = {"device": _device_of(dense), "dtype": _dtype_of(dense)}
-    if entry["type"] == "linear":
-        if not isinstance(dense, nn.Linear):
-            raise TypeError(f"expected nn.Linear, found {type(dense).__name__}")
-        shape = (dense.in_features, dense.out_features, dense.bias is not None)
-        wanted = (entry["in_features"], entry["out_features"], entry["bias"])
-        if shape != wanted:
-            raise ValueError(f"(in, out, bias) is {shape} in the model but {wanted} in the recipe")
-        return LowRankLinear(dense.in_features, dense.out_features, int(entry["rank"]),
-                             bias=dense.bias is not None, **options)
-    if entry["type"] == "conv2d":
-        if not isinstance(dense, nn.Conv2d):
-            raise TypeError(f"expected nn.Conv2d, found {type(dense).__name__}")
-        geometry = _conv_geometry(dense)
-        wanted = {key: entry[key] for key in geometry}
-        if geometry != wanted:
-            raise ValueError(f"conv geometry is {geometry} in the model but {wanted} in the recipe")
-        rank = entry["rank"]
-        return LowRankConv2d(dense.in_channels, dense.out_channels, tuple(dense.kernel_size),
-                             tuple(rank) if isinstance(rank, list) else int(rank),
-                             scheme=entry["scheme"], stride=tuple(dense.stride),
-                             padding=dense.padding, dilation=tuple(dense.dilation),
-                             bias=dense.bias is not None, padding_mode=dense.padding_mode, **options)
-    raise ValueError(f"unknown layer type {entry['type']!r}")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
+    fitting = [kind.label for kind in (*KINDS, *HOSTS) if kind.recipe_type == entry["type"]]
+    if not fitting:
+        raise ValueError(f"unknown layer type {entry['type']!r}")
+    kind = kind_of(dense) or host_of(dense)
+    if kind is None or kind.recipe_type != entry["type"]:
+        raise TypeError(f"expected {' or '.join(fitting)} for a {entry['type']!r} entry, "
+                        f"found {type(dense).__name__}")
+    return kind.rebuild(dense, entry)
 
 
 @torch.inference_mode(False)

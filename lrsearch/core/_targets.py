@@ -13,15 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
-from torch.nn.parameter import UninitializedParameter
-from torch.nn.utils import parametrize
 
 from lrsearch._errors import NoMatchingModuleError, format_problem
+from lrsearch.core._kinds import describe_contents, kind_of, supported_labels
 
 __all__ = ["Patterns", "TargetSelection", "name_matches", "select_targets", "unsupported_reason"]
 
 Patterns = str | Sequence[str] | None
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
 
 def name_matches(name: str, patterns: Patterns) -> bool:
@@ -47,32 +45,24 @@ def unsupported_reason(module: nn.Module, *, parent: nn.Module | None) -> str | 
         return "transposed convolutions are not supported"
     if isinstance(parent, nn.MultiheadAttention):
         return "its parent nn.MultiheadAttention reads .weight directly instead of calling it"
-    if not isinstance(module, SUPPORTED_TYPES):
-        return f"{type(module).__name__} is not supported (supported: Linear, Conv2d)"
-    if type(module).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-        return f"{type(module).__name__} overrides forward(), so a replacement could change what it computes"
-    if isinstance(module.weight, UninitializedParameter):
-        return "lazy module is not initialized yet; run one forward pass first"
-    if parametrize.is_parametrized(module):
-        return "the module has a parametrization (torch.nn.utils.parametrize)"
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        kind = "depthwise" if module.groups == module.in_channels else "grouped"
-        return f"{kind} convolution (groups={module.groups}) cannot be factorized correctly"
-    return None
+    kind = kind_of(module)
+    if kind is None:
+        return f"{type(module).__name__} is not supported (supported: {supported_labels()})"
+    return kind.unsupported_reason(module)
 
 
 def _is_candidate(module: nn.Module) -> bool:
     """Modules worth reporting when skipped: anything Linear- or conv-like."""
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or kind_of(module) is not None
 
 
-def select_targets(model: nn.Module, *, target_types: Sequence[type[nn.Module]] = SUPPORTED_TYPES,
+def select_targets(model: nn.Module, *, target_types: Sequence[type[nn.Module]] | None = None,
                    target_modules: Patterns = None,
                    exclude_modules: Patterns = None) -> TargetSelection:
     """Pick the layers to factorize.
 
     With ``target_modules`` a module must match it by name; otherwise it must be an instance
-    of ``target_types``. Raises :class:`NoMatchingModuleError` when nothing is left, with a
+    of ``target_types`` (default: of any kind lrsearch supports). Raises :class:`NoMatchingModuleError` when nothing is left, with a
     message that says whether nothing matched, everything was excluded or everything was
     unsupported.
     """
@@ -95,8 +85,9 @@ def select_targets(model: nn.Module, *, target_types: Sequence[type[nn.Module]] 
         if target_modules is not None:
             selected = name_matches(name, target_modules) and _is_candidate(module)
         else:
-            selected = isinstance(module, tuple(target_types)) or (
-                _is_candidate(module) and not isinstance(module, SUPPORTED_TYPES))
+            supported = kind_of(module) is not None
+            wanted = supported if target_types is None else isinstance(module, tuple(target_types))
+            selected = wanted or (_is_candidate(module) and not supported)
         if not selected:
             continue
         matched_any = True
@@ -134,16 +125,18 @@ def _no_match_message(model: nn.Module, *, matched_any: bool, excluded_any: bool
     if skipped:
         details = "; ".join(f"{name}: {reason}" for name, reason in list(skipped.items())[:5])
         return format_problem("Every matched module is unsupported and stays dense",
-                              given=details, hint="target Linear or Conv2d layers with groups=1.")
+                              given=details, hint=f"target {supported_labels()} layers (convs with groups=1).")
     if excluded_any:
         return format_problem(f"exclude_modules={exclude_modules!r} excluded every matched module",
                               hint="narrow exclude_modules.")
     available = [name for name, module in model.named_modules() if name and _is_candidate(module)]
     sample = ", ".join(available[:8]) + (" ..." if len(available) > 8 else "")
     if target_modules is not None:
-        return format_problem(f"target_modules={target_modules!r} matched no Linear or Conv2d module",
+        return format_problem(f"target_modules={target_modules!r} matched no layer lrsearch can factorize",
                               expected="a regex matching whole dotted names, or a list of names/suffixes",
                               given=f"available layers: {sample or 'none'}",
                               hint="copy names from model.named_modules().")
-    return format_problem(f"The model ({type(model).__name__}) has no Linear or Conv2d layer to factorize",
-                          hint="lrsearch factorizes nn.Linear and nn.Conv2d layers.")
+    return format_problem(f"The model ({type(model).__name__}) has no layer lrsearch can factorize",
+                          expected=f"at least one {supported_labels()} layer",
+                          given=f"a model whose parameters are held by {describe_contents(model)}",
+                          hint="lrsearch factorizes the layers listed above; the others stay as they are.")

@@ -3,8 +3,9 @@
 The batches are read once and kept (on CPU, or on the model's device after the first
 evaluation), so a search that evaluates hundreds of candidates pays the DataLoader once.
 The default score is micro top-1 accuracy plus a per-sample correctness vector that paired
-statistics (McNemar, bootstrap) need; a torchmetrics ``Metric`` or a plain function can
-replace it.
+statistics (McNemar, bootstrap) need; ``"loss"``, a torchmetrics ``Metric`` or a plain function
+can replace it. Hugging Face conventions work without hooks: dict batches with ``labels``,
+outputs with ``.logits``, and causal language models scored on their next token.
 """
 
 from __future__ import annotations
@@ -12,22 +13,38 @@ from __future__ import annotations
 import itertools
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lrsearch._errors import LrSearchError, format_problem
-from lrsearch.core._runtime import evaluating, model_device, move_to_device
+from lrsearch.core._runtime import (
+    LABELS,
+    describe,
+    evaluating,
+    model_device,
+    move_to_device,
+    output_field,
+    split_labels,
+)
 from lrsearch.measure._logged import LoggedMetric
 
-__all__ = ["BatchFn", "Evaluation", "EvaluationError", "Evaluator", "MetricFn", "default_batch_fn"]
+__all__ = ["BUILTIN_METRICS", "IGNORE_INDEX", "BatchFn", "Evaluation", "EvaluationError", "Evaluator", "MetricFn",
+           "check_metric", "default_batch_fn"]
 
 BatchFn = Callable[[nn.Module, Any], tuple[Tensor, Tensor]]
 MetricFn = Callable[[Tensor, Tensor], Tensor | float]
+BuiltinMetric = Literal["accuracy", "loss"]
+
+BUILTIN_METRICS: tuple[BuiltinMetric, ...] = ("accuracy", "loss")
+"""Metrics named by a string: top-1 accuracy (the default) and mean cross-entropy (lower is better)."""
+IGNORE_INDEX = -100
+"""The target that marks a position as unscored (torch's and Hugging Face's ``ignore_index``)."""
 
 _BATCH_FN_HINT = ("pass batch_fn=lambda model, batch: (model(inputs), targets) to say how a batch "
                   "is fed and where its targets are")
@@ -42,33 +59,159 @@ class Evaluation:
     """One score of one model.
 
     ``samples`` counts scored rows: batch items, or every position of a ``(batch, ..., classes)``
-    output with the default accuracy. ``correct`` is the per-row hit vector (bool, CPU) that
-    paired tests need; only the default accuracy has one.
+    output with the default accuracy (every scored token of a language model). ``correct`` is the
+    per-row hit vector (bool, CPU) that paired tests need; only the default accuracy has one.
+    ``metric_name`` says what was scored, e.g. ``"accuracy"`` or ``"next-token accuracy"``, for
+    studies and reports.
     """
 
     value: float
     samples: int
     correct: Tensor | None = None
+    metric_name: str | None = None
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What one batch gives the scorer: outputs and targets row for row, and whether they are next tokens."""
+
+    output: Tensor
+    target: Tensor
+    next_token: bool = False
 
 
 def default_batch_fn(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
-    """``(model(batch[0]), batch[1])``: the ``(inputs, targets)`` DataLoader convention."""
+    """``(logits, targets)`` of one batch, by the ``(inputs, targets)`` or the Hugging Face convention.
+
+    A tuple or list batch is fed as ``model(batch[0])`` with targets ``batch[1]``; a dict (or a
+    ``BatchEncoding``) as ``model(**inputs)`` with its ``labels`` as targets. ``labels`` is not
+    fed to the model, which would otherwise compute a loss nobody reads. The logits are the
+    output itself when it is a tensor, else its ``logits`` (``ModelOutput``, dict or attribute).
+    Targets of ``-100`` are left out. When the targets are the input tokens (``labels`` equal to
+    ``input_ids`` wherever they are not -100, as Hugging Face causal-LM data has them, or a dict
+    with no ``labels``), each position is scored on the next token: logits shift by one and
+    padding (``attention_mask`` 0) is left out.
+    """
+    scored = _default_batch(model, batch)
+    return scored.output, scored.target
+
+
+def _default_batch(model: nn.Module, batch: Any) -> _Scored:
     if isinstance(batch, Mapping):
-        raise EvaluationError(format_problem(
-            "A dict batch does not say which entries are inputs and which are targets",
-            expected="(inputs, targets) batches", given=f"a dict with keys {sorted(map(str, batch))}",
-            hint="pass batch_fn=lambda model, batch: (model(batch['input']), batch['label'])"))
+        inputs, labels = split_labels(batch)
+        tokens, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if labels is None and tokens is None:
+            raise _no_labels(batch, None)  # before the forward pass, which would fail less clearly
+        logits = _logits(model(**inputs))
+        if labels is None:
+            if not _same_tokens(logits, tokens, tokens):
+                raise _no_labels(batch, logits)
+            labels = tokens
+        return _scored(logits, labels, tokens, mask)
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise EvaluationError(format_problem(
-            "The batch has no targets", expected="(inputs, targets) batches",
-            given=_describe(batch), hint=_BATCH_FN_HINT))
-    return model(batch[0]), batch[1]
+            "The batch has no targets", expected="(inputs, targets) batches, or dicts with a 'labels' entry",
+            given=describe(batch), hint=_BATCH_FN_HINT))
+    return _scored(_logits(model(batch[0])), batch[1], batch[0], None)
+
+
+def _no_labels(batch: Mapping[str, Any], logits: Tensor | None) -> EvaluationError:
+    given = describe(batch) if logits is None else f"{describe(batch)}, and logits of shape {tuple(logits.shape)}"
+    return EvaluationError(format_problem(
+        f"The dict batch has no {LABELS!r} entry to score the model against",
+        expected=f"a {LABELS!r} entry (the Hugging Face convention), or 'input_ids' and logits "
+                 "(batch, seq, vocab) of a causal language model", given=given,
+        hint="name the targets 'labels' (e.g. rename the dataset's label column), or pass "
+             "batch_fn=lambda model, batch: (model(batch['x']), batch['y'])"))
+
+
+def _logits(output: Any) -> Tensor:
+    """The model's class scores: the output if it is a tensor, else its ``logits``."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output_field(output, "logits")
+    if isinstance(logits, Tensor):
+        return logits
+    raise EvaluationError(format_problem(
+        f"The model's output, a {type(output).__name__}, has no logits to score",
+        expected="a tensor of logits, or an output with a 'logits' entry or attribute (a Hugging Face "
+                 "ModelOutput)", given=describe(output),
+        hint="pass batch_fn=lambda model, batch: (<logits picked from the output>, <targets>), or "
+             "metric=fn(outputs, targets) together with such a batch_fn"))
+
+
+def _same_tokens(logits: Tensor, tokens: Any, labels: Any) -> bool:
+    """Whether ``labels`` are the input ``tokens`` of a causal LM (equal wherever not ignored)."""
+    if not (isinstance(tokens, Tensor) and isinstance(labels, Tensor) and logits.dim() == 3
+            and tokens.dim() == 2 and tokens.shape == labels.shape == logits.shape[:2]):
+        return False
+    if tokens.is_floating_point() or labels.is_floating_point():
+        return False
+    scored = labels != IGNORE_INDEX
+    return bool(scored.any()) and torch.equal(labels[scored], tokens[scored])
+
+
+def _scored(logits: Tensor, labels: Any, tokens: Any, mask: Any) -> _Scored:
+    """Rows to score: next tokens for a causal LM, else every position whose target is not -100."""
+    if not isinstance(labels, Tensor):
+        raise EvaluationError(format_problem(
+            "The batch's targets are not a tensor", expected="a tensor of class indices",
+            given=describe(labels), hint="collate the targets into a tensor (a DataLoader does), or " + _BATCH_FN_HINT))
+    if _same_tokens(logits, tokens, labels):
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        keep = labels != IGNORE_INDEX
+        if isinstance(mask, Tensor) and mask.shape == tokens.shape:
+            keep &= mask[:, 1:].bool()
+        return _Scored(logits[keep], labels[keep], next_token=True)
+    if labels.is_floating_point() or labels.shape != logits.shape[:-1]:
+        return _Scored(logits, labels)  # the scorer's own checks explain what does not fit
+    keep = labels != IGNORE_INDEX
+    return _Scored(logits, labels) if bool(keep.all()) else _Scored(logits[keep], labels[keep])
+
+
+def check_metric(metric: Any) -> None:
+    """Raise :class:`EvaluationError` unless ``metric`` is one that :class:`Evaluator` accepts."""
+    if isinstance(metric, str):
+        if metric not in BUILTIN_METRICS:
+            raise EvaluationError(format_problem(
+                f"Unknown metric name {metric!r}", expected=f"one of {', '.join(map(repr, BUILTIN_METRICS))}",
+                hint='e.g. metric="loss" for cross-entropy, or pass a torchmetrics Metric or fn(outputs, targets)'))
+        return
+    if metric is not None and not isinstance(metric, (torchmetrics.Metric, LoggedMetric)) and not callable(metric):
+        raise EvaluationError(format_problem(
+            "The metric is neither a torchmetrics Metric nor a function",
+            given=f"{type(metric).__name__}", expected="a torchmetrics.Metric, fn(outputs, targets) "
+            f"returning a float, a LoggedMetric, one of {', '.join(map(repr, BUILTIN_METRICS))}, or None for "
+            "top-1 accuracy", hint='e.g. metric=torchmetrics.Accuracy(task="multiclass", num_classes=10)'))
 
 
 class _Scorer(Protocol):
     def update(self, output: Tensor, target: Tensor) -> None: ...
 
     def result(self) -> Evaluation: ...
+
+
+def _check_class_scores(output: Tensor, target: Tensor, metric: str) -> None:
+    """Fail unless ``output`` holds logits (batch, ..., classes) and ``target`` class indices of the same rows."""
+    if output.dim() < 2 or output.shape[:-1] != target.shape or output.shape[-1] < 2:
+        raise EvaluationError(format_problem(
+            f"The {metric} cannot score this output", given=(
+                f"output {tuple(output.shape)} and target {tuple(target.shape)}"),
+            expected="logits (batch, ..., classes) with at least 2 classes and integer "
+                     "targets (batch, ...)",
+            hint="pass metric= (a torchmetrics Metric or fn(outputs, targets)) for other tasks"))
+    if target.is_floating_point() or target.is_complex():
+        raise EvaluationError(format_problem(
+            f"The {metric} needs class-index targets", given=f"{target.dtype} targets",
+            expected="an integer tensor of class indices",
+            hint="convert one-hot or soft labels with target.argmax(-1) in batch_fn"))
+    classes = output.shape[-1]
+    if target.numel() and bool(((target < 0) | (target >= classes)).any()):
+        raise EvaluationError(format_problem(
+            "A target is not a class index of the output", expected=f"targets in [0, {classes})",
+            given=f"targets from {int(target.min())} to {int(target.max())}",
+            hint=f"mark unscored positions with {IGNORE_INDEX} (the default batch_fn leaves them out), "
+                 "or check that the model's number of classes matches the labels"))
 
 
 class _Accuracy:
@@ -84,25 +227,8 @@ class _Accuracy:
         self._hits: list[Tensor] = []
 
     def update(self, output: Tensor, target: Tensor) -> None:
-        if output.dim() < 2 or output.shape[:-1] != target.shape or output.shape[-1] < 2:
-            raise EvaluationError(format_problem(
-                "The default accuracy cannot score this output", given=(
-                    f"output {tuple(output.shape)} and target {tuple(target.shape)}"),
-                expected="logits (batch, ..., classes) with at least 2 classes and integer "
-                         "targets (batch, ...)",
-                hint="pass metric= (a torchmetrics Metric or fn(outputs, targets)) for other tasks"))
-        if target.is_floating_point() or target.is_complex():
-            raise EvaluationError(format_problem(
-                "The default accuracy needs class-index targets", given=f"{target.dtype} targets",
-                expected="an integer tensor of class indices",
-                hint="convert one-hot or soft labels with target.argmax(-1) in batch_fn"))
+        _check_class_scores(output, target, "default accuracy")
         classes = output.shape[-1]
-        if bool(((target < 0) | (target >= classes)).any()):
-            raise EvaluationError(format_problem(
-                "A target is not a class index of the output", expected=f"targets in [0, {classes})",
-                given=f"targets from {int(target.min())} to {int(target.max())}",
-                hint="drop padding such as -100 in batch_fn, or pass metric=MulticlassAccuracy("
-                     "num_classes, average=\"micro\", ignore_index=-100)"))
         if self._metric is None:
             # Shapes, dtype and range are checked above, and torchmetrics' own check syncs again.
             self._metric = MulticlassAccuracy(classes, top_k=1, average="micro", validate_args=False,
@@ -118,6 +244,28 @@ class _Accuracy:
         with torch.inference_mode(False):
             hits = torch.cat(self._hits).cpu()  # an ordinary tensor: callers may edit it in place
         return Evaluation(float(self._metric.compute()), hits.numel(), hits)
+
+
+class _Loss:
+    """Mean cross-entropy per scored row (per token for a language model), summed batch by batch.
+
+    Kept as a running sum rather than concatenated logits: a language model's logits over a whole
+    evaluation set would not fit in memory. A non-finite logit gives a non-finite loss.
+    """
+
+    def __init__(self) -> None:
+        self._total = 0.0
+        self._rows = 0
+
+    def update(self, output: Tensor, target: Tensor) -> None:
+        _check_class_scores(output, target, "loss")
+        classes = output.shape[-1]
+        loss = F.cross_entropy(output.float().reshape(-1, classes), target.reshape(-1), reduction="sum")
+        self._total += float(loss)
+        self._rows += target.numel()
+
+    def result(self) -> Evaluation:
+        return Evaluation(self._total / self._rows if self._rows else float("nan"), self._rows)
 
 
 class _TorchMetric:
@@ -156,7 +304,7 @@ class _Function:
             raise EvaluationError(format_problem(
                 f"The metric function failed: {type(error).__name__}: {error}",
                 expected="fn(outputs, targets) -> float, called on all batches concatenated along dim 0",
-                given=f"{len(self._outputs)} batches, the first {_describe(self._outputs[0])}",
+                given=f"{len(self._outputs)} batches, the first {describe(self._outputs[0])}",
                 hint="batches must agree in every dim but the first; for per-batch logic pass a "
                      "torchmetrics Metric instead")) from error
         return Evaluation(_as_float(value, "the metric function"), _rows(outputs))
@@ -165,17 +313,20 @@ class _Function:
 class Evaluator:
     """Scores models on batches read once from ``data``.
 
-    ``metric`` is micro top-1 accuracy by default; a torchmetrics ``Metric`` is cloned once
+    ``metric`` is micro top-1 accuracy by default (``"accuracy"``); ``"loss"`` is the mean
+    cross-entropy per scored row (lower is better); a torchmetrics ``Metric`` is cloned once
     (the caller's object is never touched) and reset, updated per batch and computed per
     evaluation; a plain ``fn(outputs, targets) -> float`` is called on all outputs and targets
     concatenated along dim 0; a :class:`LoggedMetric` runs the LightningModule's own validation
-    hooks and reads what they log. ``batch_fn(model, batch) -> (outputs, targets)`` says how a batch
-    is fed (not used with a ``LoggedMetric``, whose ``validation_step`` takes the batch). Batches are kept on ``device`` (CPU by default) and copied once to the model's
-    device when that differs; ``max_batches`` caps how many are read.
+    hooks and reads what they log. ``batch_fn(model, batch) -> (outputs, targets)`` says how a
+    batch is fed (default :func:`default_batch_fn`, which also knows Hugging Face batches and
+    outputs; not used with a ``LoggedMetric``, whose ``validation_step`` takes the batch).
+    Batches are kept on ``device`` (CPU by default) and copied once to the model's device when
+    that differs; ``max_batches`` caps how many are read.
     """
 
     def __init__(self, data: Iterable[Any], *,
-                 metric: torchmetrics.Metric | MetricFn | LoggedMetric | None = None,
+                 metric: torchmetrics.Metric | MetricFn | LoggedMetric | BuiltinMetric | None = None,
                  batch_fn: BatchFn | None = None, device: torch.device | str | None = None,
                  max_batches: int | None = None) -> None:
         if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
@@ -183,21 +334,16 @@ class Evaluator:
             raise EvaluationError(format_problem(
                 "max_batches must be a positive integer", given=repr(max_batches),
                 expected="an int of 1 or more, or None for all batches"))
-        if (metric is not None and not isinstance(metric, (torchmetrics.Metric, LoggedMetric))
-                and not callable(metric)):
-            raise EvaluationError(format_problem(
-                "The metric is neither a torchmetrics Metric nor a function",
-                given=f"{type(metric).__name__}", expected="a torchmetrics.Metric, fn(outputs, targets) "
-                "returning a float, a LoggedMetric, or None for top-1 accuracy",
-                hint='e.g. metric=torchmetrics.Accuracy(task="multiclass", num_classes=10)'))
+        check_metric(metric)
         if isinstance(metric, LoggedMetric) and batch_fn is not None:
             raise EvaluationError(format_problem(
                 f"batch_fn cannot be combined with the logged metric {metric.name!r}",
                 expected="either a logged metric (the module's validation_step reads each batch) or batch_fn",
                 hint="drop batch_fn; validation_step already says how a batch is fed"))
         self._device = torch.device("cpu") if device is None else torch.device(device)
-        self._batch_fn = batch_fn or default_batch_fn
-        self._metric = metric.clone() if isinstance(metric, torchmetrics.Metric) else metric
+        self._batch_fn = batch_fn
+        self._metric: torchmetrics.Metric | MetricFn | LoggedMetric | BuiltinMetric = (
+            "accuracy" if metric is None else metric.clone() if isinstance(metric, torchmetrics.Metric) else metric)
         if isinstance(self._metric, torchmetrics.Metric) and hasattr(self._metric, "sync_on_compute"):
             # Evaluation runs on one process; a process group must not turn compute() into a gather.
             self._metric.sync_on_compute = False
@@ -211,6 +357,11 @@ class Evaluator:
                 given=f"an empty {type(data).__name__}",
                 hint="pass a DataLoader or a list of (inputs, targets) batches"))
         self._moved: tuple[torch.device, list[Any]] | None = None
+
+    @property
+    def higher_is_better(self) -> bool | None:
+        """Whether a higher score is better: known for ``"accuracy"`` and ``"loss"``, None for the user's metric."""
+        return self._metric == "accuracy" if isinstance(self._metric, str) else None
 
     def evaluate(self, model: nn.Module) -> Evaluation:
         """Score ``model`` on every batch (eval mode, inference mode; modes restored after)."""
@@ -236,15 +387,22 @@ class Evaluator:
             # Epoch-end hooks may produce the value, so there is no running score to yield early.
             with evaluating(model), torch.inference_mode():
                 value, samples = self._metric.score(model, batches)
-            yield Evaluation(value, samples)
+            yield Evaluation(value, samples, metric_name=self._metric.name)
             return
         scorer = self._scorer(device)
+        next_token = False
         for start in range(0, len(batches), chunk_batches):
             with evaluating(model), torch.inference_mode():
                 for index in range(start, min(start + chunk_batches, len(batches))):
-                    self._score_batch(model, index, batches[index], scorer)
+                    next_token |= self._score_batch(model, index, batches[index], scorer)
                 evaluation = scorer.result()
-            yield evaluation
+            yield replace(evaluation, metric_name=self._metric_name(next_token))
+
+    def _metric_name(self, next_token: bool) -> str:
+        """What the score measures; a language model's built-in scores say they are per next token."""
+        if isinstance(self._metric, str):
+            return f"next-token {self._metric}" if next_token else self._metric
+        return str(getattr(self._metric, "__name__", type(self._metric).__name__))
 
     def _batches_on(self, device: torch.device) -> list[Any]:
         if device == self._device:
@@ -254,28 +412,31 @@ class Evaluator:
         return self._moved[1]
 
     def _scorer(self, device: torch.device) -> _Scorer:
-        if self._metric is None:
-            return _Accuracy(device)
+        if isinstance(self._metric, str):  # checked first: a torchmetrics Metric overloads ==
+            return _Accuracy(device) if self._metric == "accuracy" else _Loss()
         if isinstance(self._metric, torchmetrics.Metric):
             return _TorchMetric(self._metric, device)
+        assert callable(self._metric) and not isinstance(self._metric, LoggedMetric)
         return _Function(self._metric)
 
-    def _score_batch(self, model: nn.Module, index: int, batch: Any, scorer: _Scorer) -> None:
-        output, target = self._run_batch(model, index, batch)
+    def _score_batch(self, model: nn.Module, index: int, batch: Any, scorer: _Scorer) -> bool:
+        """Score one batch; True when its rows are next tokens of a language model."""
+        scored = self._run_batch(model, index, batch)
         try:
-            scorer.update(output, target)
+            scorer.update(scored.output, scored.target)
         except EvaluationError as error:
             raise EvaluationError(f"Evaluation batch {index}: {error}") from error
         except Exception as error:
             raise EvaluationError(format_problem(
                 f"The metric failed on evaluation batch {index}: {type(error).__name__}: {error}",
-                given=f"output {tuple(output.shape)} and target {tuple(target.shape)}",
+                given=f"output {tuple(scored.output.shape)} and target {tuple(scored.target.shape)}",
                 hint="check that batch_fn returns what the metric's update(preds, target) expects"),
             ) from error
+        return scored.next_token
 
-    def _run_batch(self, model: nn.Module, index: int, batch: Any) -> tuple[Tensor, Tensor]:
+    def _run_batch(self, model: nn.Module, index: int, batch: Any) -> _Scored:
         try:
-            result = self._batch_fn(model, batch)
+            result = _default_batch(model, batch) if self._batch_fn is None else self._batch_fn(model, batch)
         except EvaluationError as error:
             raise EvaluationError(f"Evaluation batch {index}: {error}") from error
         except torch.OutOfMemoryError:
@@ -283,14 +444,16 @@ class Evaluator:
         except Exception as error:
             raise EvaluationError(format_problem(
                 f"Evaluation failed on batch {index}: {type(error).__name__}: {error}",
-                given=_describe(batch), hint=_BATCH_FN_HINT)) from error
+                given=describe(batch), hint=_BATCH_FN_HINT)) from error
+        if isinstance(result, _Scored):
+            return result
         if (not isinstance(result, (tuple, list)) or len(result) != 2
                 or not all(isinstance(part, Tensor) for part in result)):
             raise EvaluationError(format_problem(
                 f"batch_fn returned the wrong thing for evaluation batch {index}",
-                expected="a pair (outputs, targets) of tensors", given=_describe(result),
+                expected="a pair (outputs, targets) of tensors", given=describe(result),
                 hint="if the model returns a tuple or an object, pick the logits in batch_fn"))
-        return result[0], result[1]
+        return _Scored(result[0], result[1])
 
 
 def _rows(output: Tensor) -> int:
@@ -305,15 +468,4 @@ def _as_float(value: Any, source: str) -> float:
         return float(value)
     raise EvaluationError(format_problem(
         f"{source} did not return a single number", expected="a float or a one-element tensor",
-        given=_describe(value), hint="reduce the result (e.g. .mean()) or pick one entry of a dict"))
-
-
-def _describe(value: Any) -> str:
-    """A short account of a batch or result for error messages: types and tensor shapes."""
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, Mapping):
-        return "a dict with " + ", ".join(f"{key}: {_describe(item)}" for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return f"a {type(value).__name__} of [" + ", ".join(_describe(item) for item in value) + "]"
-    return f"a {type(value).__name__}"
+        given=describe(value), hint="reduce the result (e.g. .mean()) or pick one entry of a dict"))

@@ -338,14 +338,10 @@ def _plan_measurements(decomposition: Decomposition, ranks: Mapping[str, Sequenc
         decomposition.scheme(name)  # raises UnknownLayerError with suggestions
     work: dict[str, dict[str, list[int]]] = {}
     for name in decomposition.targets:
-        default = decomposition.scheme(name)
-        layer_schemes = list((schemes or {}).get(name, [default]))
+        layer_schemes = list((schemes or {}).get(name, [decomposition.scheme(name)]))
         work[name] = {}
         for scheme in layer_schemes:
-            if default == "linear" and scheme != "linear":
-                raise ValueError(format_problem(f"Layer {name!r} is a Linear; it has no scheme {scheme!r}",
-                                                expected='["linear"]'))
-            decomposition.full_rank(name, scheme)  # raises on an unknown or unusable conv scheme
+            decomposition.full_rank(name, scheme)  # raises on a scheme the layer's kind lacks or cannot use
             if ranks is not None and name in ranks:
                 layer_ranks = list(dict.fromkeys(ranks[name]))
                 for rank in layer_ranks:
@@ -364,7 +360,8 @@ def build_latency_table(decomposition: Decomposition, example_batch: Any, *, bat
                         progress: Callable[[int, int], None] | None = None) -> LatencyTable:
     """Time the dense model and every target layer, dense and at each candidate rank.
 
-    Works on a deep copy of ``decomposition.model`` moved to ``device``; the user's model is
+    Works on a deep copy of ``decomposition.working_model`` (the model, with any
+    ``nn.MultiheadAttention`` in its explicit form) moved to ``device``; the user's model is
     never moved or changed. ``example_batch`` is cycled or cut along dim 0 to ``batch_size``
     (default: its own size), since per-layer speedups depend strongly on the batch size.
     Each layer is timed on the input it really receives in one forward pass.
@@ -405,7 +402,7 @@ def build_latency_table(decomposition: Decomposition, example_batch: Any, *, bat
             progress(done, total)
         return seconds
 
-    model = copy.deepcopy(decomposition.model).to(device).eval()
+    model = copy.deepcopy(decomposition.working_model).to(device).eval()
     batch = move_to_device(_resize(example_batch, size, batch_size), device)
     torch.set_num_threads(threads)
     try:

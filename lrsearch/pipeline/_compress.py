@@ -27,13 +27,13 @@ from torch.utils.data import DataLoader
 
 from lrsearch._atomic import atomic_write_bytes
 from lrsearch._errors import Interrupted
-from lrsearch.core import get_recipe, save
+from lrsearch.core import Coverage, coverage, get_recipe, save
 from lrsearch.core._serialization import CHECKPOINT_KEY
 from lrsearch.measure import Evaluator
 from lrsearch.pipeline._console import run_console
 from lrsearch.pipeline._finetune import check_trainer_options, finetune
 from lrsearch.pipeline._lightning import clone_module, namespace_of
-from lrsearch.pipeline._outcome import Attempt, Report, build_report, drop_interval
+from lrsearch.pipeline._outcome import Attempt, Report, build_report, drop_interval, standard_error
 from lrsearch.pipeline._report import write_report
 from lrsearch.pipeline._select import Bisection
 from lrsearch.pipeline._spec import Run, RunSpec
@@ -60,6 +60,7 @@ class CompressionResult:
     paths: dict[str, Path]
     search: SearchResult = field(repr=False)
     summary: Report | None = field(default=None, repr=False)
+    coverage: Coverage | None = field(default=None, repr=False)
 
     @property
     def ranks(self) -> dict[str, Any]:
@@ -114,7 +115,11 @@ class _Compression:
         self.selector = Evaluator(data.select, metric=run.metric, batch_fn=spec.batch_fn)
         # Before the search writes anything: a metric the module cannot produce fails here.
         self.base_select = self.selector.evaluate(self.module)
+        self.metric_name = run.metric_name or self.base_select.metric_name or "accuracy"
         self.allowed_select = spec.allowed.allowed_drop(self.base_select.value)
+        covered = coverage(self.module, data.search[0], forward=spec.forward, target_modules=spec.target_modules,
+                           exclude_modules=spec.exclude_modules)
+        _logger.info("%s", covered.format())
         self.result = result = run.run_search(self.module, data)
         searched_at = time.perf_counter()
         with _resume_hint(result):
@@ -122,14 +127,15 @@ class _Compression:
             selected = next((a for a in self.attempts if chosen is not None and a.candidate is chosen.candidate), None)
             selected_at = time.perf_counter()
             report, final = build_report(self.module, run, result, data, base_select=self.base_select.value,
-                                         selected=selected, attempts=self.attempts)
+                                         selected=selected, attempts=self.attempts, metric_name=self.metric_name,
+                                         coverage=covered.to_dict())
             report.timing = {"search_seconds": searched_at - started, "selection_seconds": selected_at - searched_at,
                              "finetunes": len(self.attempts), "max_finetunes": spec.max_finetunes,
                              "front_size": len(result.pareto), "total_seconds": time.perf_counter() - started}
             paths = self.save(report, final)
         return CompressionResult(meets_budget=final is not None, model=final,
                                  candidate=selected.candidate if final is not None and selected else None,
-                                 report=report.to_dict(), paths=paths, search=result, summary=report)
+                                 report=report.to_dict(), paths=paths, search=result, summary=report, coverage=covered)
 
     def judge(self, candidate: Candidate) -> bool:
         """Fine-tune ``candidate`` and say whether it holds on the selection split."""
@@ -144,8 +150,9 @@ class _Compression:
                          forward=self.spec.forward, inherited=self.inherited, name=f"trial{candidate.trial}")
         evaluation = self.selector.evaluate(tuned)
         drop = self.run.search.drop(self.base_select.value, evaluation.value)
+        margin = self.spec.select_margin * standard_error(self.base_select, evaluation)
         attempt = Attempt(candidate, tuned, evaluation, drop, drop_interval(self.base_select, evaluation),
-                          drop <= self.allowed_select, time.perf_counter() - begun)
+                          drop + margin <= self.allowed_select, time.perf_counter() - begun)
         self.attempts.append(attempt)
         _logger.info("trial %d after fine-tuning: drop %.2f points on %s (allowed %.2f): %s", candidate.trial,
                      100 * drop, data.select_split, 100 * self.allowed_select,

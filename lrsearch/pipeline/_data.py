@@ -112,7 +112,7 @@ def _percent(part: int, whole: int) -> int:
 
 
 def resolve_data(*, datamodule: Any = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
-                 test_dataloaders: Any = None, select_fraction: float = 0.5,
+                 test_dataloaders: Any = None, select_fraction: float = 0.75,
                  max_samples: int | None = 20_000) -> PipelineData:
     """Collect the batches of every role (see the module docstring).
 

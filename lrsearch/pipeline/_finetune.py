@@ -23,7 +23,6 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lrsearch._checks import (
@@ -36,9 +35,10 @@ from lrsearch._checks import (
     check_unknown,
     is_int,
 )
-from lrsearch._errors import LrSearchError, format_problem
-from lrsearch.core._runtime import ForwardFn, default_forward, model_device
+from lrsearch._errors import format_problem
+from lrsearch.core._runtime import ForwardFn, model_device
 from lrsearch.pipeline._data import DataError
+from lrsearch.pipeline._distill import DistillationError, DistillLoss, _Distiller, _distilling, check_distill
 from lrsearch.pipeline._lightning import namespace_of
 
 __all__ = ["DistillationError", "FinetuneConfig", "auto_epochs", "finetune"]
@@ -57,10 +57,6 @@ AUTO_MAX_EPOCHS = 10
 
 
 
-class DistillationError(LrSearchError, ValueError):
-    """Distillation cannot work with this module, teacher or their outputs."""
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Options of the fine-tune of each candidate (lrsearch.pipeline.finetune); each is checked by name.
@@ -71,9 +67,10 @@ class FinetuneConfig:
         max_steps: stop after this many optimizer steps; -1: no cap.
         lr_scale: multiplies every learning rate of the module's own configure_optimizers (param
             groups and scheduler bases): a fine-tune should move less than training did.
-        distill: add knowledge distillation from the original model to the module's loss.
+        distill: add knowledge distillation from the original model to the module's loss: true
+            chooses the loss by output (KL for logits, cosine for features), or kl, cosine or mse.
         temperature: softening temperature T of the distillation targets.
-        alpha: weight of distillation: (1 - alpha) * loss + alpha * T^2 * KL(teacher || student).
+        alpha: weight of distillation: (1 - alpha) * loss + alpha * term.
         accelerator: Lightning accelerator (auto, cpu, gpu, ...); unset: the accelerator of the
             Trainer the callback runs in, else auto.
         progress: show Lightning's progress bar while a candidate is fine-tuned.
@@ -85,7 +82,7 @@ class FinetuneConfig:
     epochs: int | None = None
     max_steps: int = -1
     lr_scale: float = 0.1
-    distill: bool = True
+    distill: bool | DistillLoss = True
     temperature: float = 2.0
     alpha: float = 0.5
     accelerator: str | None = None
@@ -100,8 +97,8 @@ class FinetuneConfig:
         check_positive("lr_scale", self.lr_scale)
         check_positive("temperature", self.temperature)
         check_unit_interval("alpha", self.alpha)
-        for name in ("distill", "progress"):
-            check_bool(name, getattr(self, name))
+        check_distill(self.distill)
+        check_bool("progress", self.progress)
         if self.accelerator is not None and not (isinstance(self.accelerator, str) and self.accelerator):
             raise OptionError(f"accelerator must be a non-empty string such as 'auto' but got {self.accelerator!r}.")
         if is_int(self.limit_val_batches):
@@ -174,7 +171,7 @@ def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path
     ``(1 - alpha) * loss + alpha * T² * KL(teacher ‖ student)`` on outputs softened by T. When
     the step calls ``self(...)`` exactly once and gets a tensor, that is the student's output and
     the teacher gets the same inputs (no extra forward pass); otherwise both models run
-    ``forward(model, batch)`` (default :func:`default_forward`), which must return logits.
+    ``forward(model, batch)`` (default :func:`default_forward`), which must return logits or features.
     ``teacher`` runs without gradients in eval mode; it is moved to the module's device for the
     fit and moved back, with its train/eval modes, afterwards.
 
@@ -368,113 +365,6 @@ def _lr_scale_callback(namespace: ModuleType) -> type:
             _scale_learning_rates(trainer, self.scale)
 
     return LrScale
-
-
-class _Distiller:
-    """Adds ``alpha * T² * KL(teacher ‖ student)`` to the loss of the wrapped ``training_step``."""
-
-    def __init__(self, module: Any, teacher: nn.Module | None, config: FinetuneConfig,
-                 forward: ForwardFn | None) -> None:
-        if teacher is None:
-            raise DistillationError(format_problem(
-                "distill=True needs a teacher", expected="teacher=<the uncompressed model>",
-                hint="pass the original model as teacher, or FinetuneConfig(distill=False)."))
-        if not isinstance(teacher, nn.Module):
-            raise DistillationError(format_problem(
-                "The teacher must be a torch module", given=f"an object of type {type(teacher).__qualname__}"))
-        if teacher is module:
-            raise DistillationError(format_problem(
-                "The teacher is the module being fine-tuned", expected="the uncompressed original model",
-                hint="pass the model the compressed copy was built from."))
-        if not module.automatic_optimization:
-            raise DistillationError(format_problem(
-                "Distillation needs automatic optimization", given="a module that steps its optimizers itself",
-                hint="add the distillation term in your own training_step, or FinetuneConfig(distill=False)."))
-        if "dataloader_iter" in inspect.signature(module.training_step).parameters:
-            raise DistillationError(format_problem(
-                "Distillation cannot see the batches of a training_step that takes dataloader_iter",
-                hint="use FinetuneConfig(distill=False)."))
-        self.module = module
-        self.teacher = teacher
-        self.temperature = config.temperature
-        self.alpha = config.alpha
-        self.forward = forward
-
-    def wrap(self, training_step: Any) -> Any:
-        @functools.wraps(training_step)
-        def step(batch: Any, *args: Any, **kwargs: Any) -> Any:
-            calls: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
-            handle = self.module.register_forward_hook(
-                lambda _, inputs, keywords, output: calls.append((inputs, keywords, output)), with_kwargs=True)
-            try:
-                result = training_step(batch, *args, **kwargs)
-            finally:
-                handle.remove()
-            if result is None or (isinstance(result, Mapping) and "loss" not in result):
-                return result  # a skipped batch, or a step Lightning itself rejects with its own message
-            loss = result["loss"] if isinstance(result, Mapping) else result
-            total = (1.0 - self.alpha) * loss + self.alpha * self.temperature ** 2 * self.divergence(batch, calls)
-            if isinstance(result, Mapping):
-                return {**result, "loss": total}
-            return total
-
-        return step
-
-    def divergence(self, batch: Any, calls: list[tuple[tuple[Any, ...], dict[str, Any], Any]]) -> torch.Tensor:
-        """KL of the softened outputs, reusing the step's own forward call if it was one giving a tensor."""
-        device = model_device(self.module)
-        if model_device(self.teacher) != device:
-            self.teacher.to(device)
-        if len(calls) == 1 and isinstance(calls[0][2], torch.Tensor):
-            inputs, keywords, student = calls[0]
-            with torch.no_grad():
-                teacher = self.teacher(*inputs, **keywords)
-        else:
-            forward = self.forward or default_forward
-            student = forward(self.module, batch)
-            with torch.no_grad():
-                teacher = forward(self.teacher, batch)
-        self.check_outputs(student, teacher)
-        classes = student.shape[-1]
-        log_student = F.log_softmax(student.float().reshape(-1, classes) / self.temperature, dim=-1)
-        log_teacher = F.log_softmax(teacher.float().reshape(-1, classes) / self.temperature, dim=-1)
-        return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
-
-    @staticmethod
-    def check_outputs(student: Any, teacher: Any) -> None:
-        hint = ("pass forward=lambda model, batch: <logits tensor> to say how to get class logits, "
-                "or FinetuneConfig(distill=False).")
-        if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)):
-            raise DistillationError(format_problem(
-                "Distillation needs the student and the teacher to output logit tensors",
-                expected="two tensors of shape (..., classes)",
-                given=f"{type(student).__qualname__} from the student and {type(teacher).__qualname__} "
-                      "from the teacher", hint=hint))
-        if student.shape != teacher.shape or student.dim() < 2 or student.shape[-1] < 2 \
-                or not student.is_floating_point():
-            raise DistillationError(format_problem(
-                "Distillation needs floating-point logits of the same shape with at least 2 classes "
-                "in the last dimension", given=f"student {tuple(student.shape)} {student.dtype}, "
-                f"teacher {tuple(teacher.shape)} {teacher.dtype}", hint=hint))
-
-
-@contextmanager
-def _distilling(module: nn.Module, distiller: _Distiller | None) -> Iterator[None]:
-    """Patch the distillation wrapper onto this instance only, and put back what was there."""
-    if distiller is None:
-        yield
-        return
-    distiller.teacher.eval()
-    missing = object()
-    previous = module.__dict__.get("training_step", missing)
-    module.training_step = distiller.wrap(module.training_step)
-    try:
-        yield
-    finally:
-        if previous is missing:
-            del module.training_step
-        else:
-            module.training_step = previous
 
 
 @contextmanager

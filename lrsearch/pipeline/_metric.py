@@ -6,6 +6,7 @@ from typing import Any
 
 from lrsearch._errors import format_problem
 from lrsearch.measure import LoggedMetric, LoggedMetricError
+from lrsearch.measure._evaluate import check_metric
 
 __all__ = ["resolve_metric"]
 
@@ -15,8 +16,10 @@ def resolve_metric(*, metric: Any, monitor: str | None, metric_name: str | None)
 
     ``monitor`` mirrors Lightning's ``ModelCheckpoint(monitor=...)``: the name the module passes
     to ``self.log`` in ``validation_step``. It and ``metric`` are two ways to say the same thing,
-    so giving both is an error rather than a silent preference.
+    so giving both is an error rather than a silent preference. ``metric`` is checked here, so
+    that a callback rejects a misspelt ``metric="los"`` when it is built, not after training.
     """
+    check_metric(metric)
     if monitor is None:
         return metric, metric_name
     if metric is not None:

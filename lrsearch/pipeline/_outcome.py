@@ -27,14 +27,16 @@ from lrsearch.measure import (
     Evaluator,
     LatencyComparison,
     compare_latency,
+    paired_drop,
     paired_drop_interval,
 )
 from lrsearch.pipeline._data import PipelineData
+from lrsearch.pipeline._report import undecided_warning
 from lrsearch.pipeline._spec import Run
 from lrsearch.study import Candidate, SearchResult
 from lrsearch.study._storage import open_storage
 
-__all__ = ["Attempt", "Report", "build_report", "drop_interval", "undecided_warning"]
+__all__ = ["Attempt", "Report", "build_report", "drop_interval", "standard_error"]
 
 # A measured speedup this far from the predicted one gets a warning.
 PREDICTION_TOLERANCE = 0.15
@@ -45,6 +47,13 @@ def drop_interval(base: Evaluation, candidate: Evaluation) -> list[float] | None
     if base.correct is None or candidate.correct is None:
         return None
     return list(paired_drop_interval(base.correct, candidate.correct))
+
+
+def standard_error(base: Evaluation, candidate: Evaluation) -> float:
+    """Standard error of the paired accuracy drop; 0 for metrics without per-sample hits."""
+    if base.correct is None or candidate.correct is None:
+        return 0.0
+    return paired_drop(base.correct, candidate.correct)[1]
 
 
 def _jsonable(ranks: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,6 +95,9 @@ class Report:
     splits: dict[str, str]
     layer_order: list[str]
     trials: list[dict[str, Any]]
+    trial_counts: dict[str, int]
+    pareto: list[int]
+    coverage: dict[str, Any] | None = None
     message: str = ""
     meets_budget: bool = False
     final: dict[str, Any] | None = None
@@ -102,9 +114,9 @@ class Report:
             name: getattr(self, name) for name in (
                 "created", "budget", "search_budget", "metric", "allowed_drop", "objective", "meets_budget",
                 "device", "threads", "batch_size", "dense", "splits", "layer_order", "warnings", "trials",
-                "message", "timing", "paths")}}
+                "trial_counts", "pareto", "message", "timing", "paths")}}
         data["attempts"] = [attempt.to_dict() for attempt in self.attempts]
-        for name in ("final", "latency"):
+        for name in ("final", "latency", "coverage"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         if self.deployment:
@@ -134,17 +146,22 @@ def _deployment_batch(batch: Any, size: int | None) -> Any:
     return resize(batch)
 
 
-def _trials(result: SearchResult, objective: str) -> list[dict[str, Any]]:
+def _trials(result: SearchResult, objective: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every complete trial's cost and drop (for the Pareto plot), and the trials counted by how they ended."""
     # result.storage is lrsearch's URL (journal:PATH too), which only open_storage understands
     study = load_study(study_name=result.study_name, storage=open_storage(result.storage, heartbeat_interval=None))
+    trials = study.get_trials(deepcopy=False)
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in trials:
         attrs = trial.user_attrs
-        if objective in attrs and "drop" in attrs:
+        if trial.state == TrialState.COMPLETE and objective in attrs and "drop" in attrs:
             cost = attrs[objective] * (1e3 if objective == "latency" else 1.0)  # the report shows ms
             rows.append({"number": trial.number, "cost": cost, "drop": attrs["drop"],
                          "feasible": bool(attrs.get("feasible"))})
-    return rows
+    counts = {name: sum(trial.state == state for trial in trials) for name, state in
+              (("complete", TrialState.COMPLETE), ("pruned", TrialState.PRUNED), ("failed", TrialState.FAIL))}
+    counts["duplicates"] = sum("duplicate_of" in trial.user_attrs for trial in trials)
+    return rows, counts
 
 
 def _predicted_speedups(table: DeploymentLatency | None, candidate: Candidate) -> dict[int, float]:
@@ -171,17 +188,9 @@ def _latency_warnings(comparison: LatencyComparison, predicted: Mapping[int, flo
     return warnings
 
 
-def undecided_warning(interval: list[float] | None, allowed: float, split: str) -> str | None:
-    """A warning when the split cannot tell whether the budget holds: the verdict is then luck."""
-    if interval is None or not interval[0] <= allowed < interval[1]:
-        return None
-    return (f"The 95% interval of the drop on the {split} split, {100 * interval[0]:.2f} to "
-            f"{100 * interval[1]:.2f} points, straddles the allowed {100 * allowed:.2f} points: the split is too "
-            "small to tell whether the budget holds. A larger test split would narrow the interval.")
-
-
 def build_report(module: nn.Module, run: Run, result: SearchResult, data: PipelineData, *, base_select: float,
-                 selected: Attempt | None, attempts: list[Attempt]) -> tuple[Report, nn.Module | None]:
+                 selected: Attempt | None, attempts: list[Attempt], metric_name: str,
+                 coverage: dict[str, Any] | None) -> tuple[Report, nn.Module | None]:
     """The report, and the final model when the budget holds on the test split (looked at once here)."""
     config, spec = run.search, run.spec
     table = result.latency_table
@@ -189,13 +198,16 @@ def build_report(module: nn.Module, run: Run, result: SearchResult, data: Pipeli
     sizes = table.batch_sizes if table else (config.batch_sizes or (batch_size_of(data.search[0]),))
     batches = {size: _deployment_batch(data.search[0], size) for size in sizes}
     batch = batches[sizes[0]]
+    rows, counts = _trials(result, config.objective)
+    dense = {**_figures(module, batch, spec.forward), "search_metric": result.baseline, "select_metric": base_select}
+    if table is not None:
+        dense["predicted_latency_ms"] = table.dense_model * 1e3
     report = Report(
-        budget=str(spec.allowed), search_budget=str(result.budget), metric=run.metric_name or "accuracy",
+        budget=str(spec.allowed), search_budget=str(result.budget), metric=metric_name,
         allowed_drop=spec.allowed.allowed_drop(base_select), objective=config.objective, device=config.device,
         threads=threads, batch_size=sizes[0],
-        dense={**_figures(module, batch, spec.forward), "search_metric": result.baseline, "select_metric": base_select},
-        attempts=attempts, splits=data.describe(), layer_order=list(result.decomposition.targets),
-        trials=_trials(result, config.objective))
+        dense=dense, attempts=attempts, splits={**data.describe(), "verify": data.test_split}, layer_order=list(result.decomposition.targets),
+        trials=rows, trial_counts=counts, pareto=[candidate.trial for candidate in result.pareto], coverage=coverage)
     if selected is None:
         report.message = (f"No configuration met the budget {spec.allowed} on {data.select_split} after fine-tuning "
                           f"({len(attempts)} fine-tuned of a front of {len(result.pareto)}). Nothing was saved "
@@ -229,9 +241,9 @@ def build_report(module: nn.Module, run: Run, result: SearchResult, data: Pipeli
         "predicted_speedup": predicted.get(sizes[0]),
         "verify_metric": final_test.value, "verify_drop": drop, "verify_drop_interval": interval,
         "select_metric": selected.evaluation.value, "select_drop": selected.drop,
-        "select_drop_interval": selected.interval, "search_drop": candidate.drop,
+        "select_drop_interval": selected.interval, "search_metric": candidate.metric, "search_drop": candidate.drop,
         "ranks": _jsonable(candidate.ranks), "full_ranks": _jsonable(full_ranks)}
-    report.warnings = [w for w in (undecided_warning(interval, allowed, data.test_split),
+    report.warnings = [w for w in (undecided_warning(candidate.trial, interval, allowed, data.test_split),
                                    *_latency_warnings(comparison, predicted)) if w]
     verdict = "meets" if holds else "misses"
     report.message = (f"Trial {candidate.trial} {verdict} the budget {spec.allowed} on {data.test_split} after "

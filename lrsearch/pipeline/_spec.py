@@ -20,6 +20,7 @@ from lrsearch._checks import (
     ConflictError,
     check_bool,
     check_int,
+    check_positive,
     check_unit_interval,
     check_unknown,
 )
@@ -72,7 +73,10 @@ class RunSpec:
             the callback: the Trainer's default_root_dir/lrsearch).
         max_finetunes: candidates of the search's front fine-tuned at most while bisecting it.
         select_fraction: share of the validation batches held out from the search, to accept or
-            reject fine-tuned candidates.
+            reject fine-tuned candidates (the wide search needs few samples).
+        select_margin: a fine-tuned candidate holds when its drop plus this many standard errors
+            of it is within the budget (0 for logged metrics, which have none): the bisection keeps
+            the cheapest candidate that passed, so one that passed by luck would fail on the test split.
         max_samples: samples each split keeps in memory at most; unset: no cap.
         monitor: score by a value the module logs in validation_step (e.g. val_acc), like
             ModelCheckpoint(monitor=...); for a loss also set search.higher_is_better false.
@@ -97,7 +101,8 @@ class RunSpec:
     search_budget: str | float | None = AUTO
     run_dir: str | Path | None = None
     max_finetunes: int = 6
-    select_fraction: float = 0.5
+    select_fraction: float = 0.75
+    select_margin: float = 1.0
     max_samples: int | None = 20_000
     monitor: str | None = None
     metric: Callable[..., Any] | None = None
@@ -143,6 +148,7 @@ class RunSpec:
                 hint="set run_dir only; the search goes into RUN_DIR/search."))
         check_int("max_finetunes", self.max_finetunes, low=1)
         check_unit_interval("select_fraction", self.select_fraction, open_low=True, open_high=True)
+        check_positive("select_margin", self.select_margin, zero=True)
         check_int("max_samples", self.max_samples, low=1, optional=True)
         check_bool("progress", self.progress)
         check_bool("verbose", self.verbose)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,8 @@ class SearchConfig:
     """The parsed ``budget`` (parsed here once; everything below reads this)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.run_dir, os.PathLike):
+            object.__setattr__(self, "run_dir", os.fspath(self.run_dir))
         for name in ("relative_budget", "two_objectives", "warm_start", "early_abort", "higher_is_better"):
             check_bool(name, getattr(self, name))
         budget = DEFAULT_BUDGET if self.budget is None else self.budget

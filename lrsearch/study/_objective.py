@@ -1,9 +1,10 @@
 """The Optuna objective: one trial = build a candidate from cached factors, score it, evaluate it.
 
 The accuracy drop is a hard constraint (``trial.set_constraint``), always recorded before any
-early exit, and mirrored in user attributes because optuna-dashboard 0.21 cannot show
-Optuna 5 constraints. Identical configurations reuse the first result instead of being
-evaluated again.
+early exit. optuna-dashboard 0.21 cannot read Optuna 5's named constraints, so the value is also
+written where the dashboard reads it (the old list-valued trial system attr ``constraints``) and
+as user attributes (``drop``, ``feasible``). Identical configurations reuse the first result
+instead of being evaluated again.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from optuna.trial import FrozenTrial, TrialState
 from lrsearch.core import Decomposition, dense_cost, factorized_cost
 from lrsearch.measure import DeploymentLatency, Evaluation, Evaluator
 from lrsearch.study._abort import drop_is_hopeless
-from lrsearch.study._space import SearchSpace, param_name
+from lrsearch.study._space import SearchSpace
 
 __all__ = ["CONSTRAINT", "Objective", "PlanCosts"]
 
 CONSTRAINT = "accuracy_drop_over_budget"
+DASHBOARD_CONSTRAINTS = "constraints"  # the trial system attr optuna-dashboard 0.21 shows
 OBJECTIVES = ("latency", "macs", "params")
 _OWN_ATTRS = frozenset({"warm_start", "duplicate_of"})  # describe a trial, not its configuration
 
@@ -78,8 +80,8 @@ class Objective:
         return self.baseline.value - value if self.higher_is_better else value - self.baseline.value
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        params = {name: trial.suggest_categorical(name, layer_choices)
-                  for name, layer_choices in self._choices().items()}
+        params = {name: trial.suggest_categorical(name, distribution.choices)
+                  for name, distribution in self.space.distributions().items()}
         twin = self._finished_twin(trial, params)
         if twin is not None:
             return self._replay(trial, twin)
@@ -111,11 +113,8 @@ class Objective:
         cost = figures[self.objective]
         return (cost, drop) if self.two_objectives else cost
 
-    def _choices(self) -> dict[str, list[Any]]:
-        return {param_name(name): list(layer.choices) for name, layer in self.space.layers.items()}
-
     def _record(self, trial: optuna.Trial, *, value: float, drop: float, samples: int, aborted: bool) -> None:
-        trial.set_constraint(CONSTRAINT, drop - self.allowed_drop)
+        _constrain(trial, drop - self.allowed_drop)
         trial.set_user_attr("metric", value)
         trial.set_user_attr("drop", drop)
         trial.set_user_attr("feasible", drop <= self.allowed_drop)
@@ -131,8 +130,8 @@ class Objective:
         return None
 
     def _replay(self, trial: optuna.Trial, twin: FrozenTrial) -> float | tuple[float, float]:
-        for key, value in twin.constraints.items():
-            trial.set_constraint(key, value)
+        if CONSTRAINT in twin.constraints:
+            _constrain(trial, twin.constraints[CONSTRAINT])
         for key, value in twin.user_attrs.items():
             if key not in _OWN_ATTRS:
                 trial.set_user_attr(key, value)
@@ -141,3 +140,13 @@ class Objective:
             raise optuna.TrialPruned(f"same configuration as trial {twin.number}, which was pruned")
         values = twin.values
         return (values[0], values[1]) if self.two_objectives else values[0]
+
+
+def _constrain(trial: optuna.Trial, value: float) -> None:
+    """Set the drop constraint, and mirror it where optuna-dashboard 0.21 looks for constraints.
+
+    Optuna reads the mirror too (as a second constraint ``"0"`` of the same value): feasibility
+    is unchanged, and TPE and NSGA-II rank violations the same; GPSampler models it twice.
+    """
+    trial.set_constraint(CONSTRAINT, value)
+    trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS, [value])

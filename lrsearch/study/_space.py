@@ -3,13 +3,25 @@
 A layer's choices are the aligned ranks that are cheaper than the dense layer (measured
 faster, for the latency objective) plus ``"dense"``. A layer with no such rank is not searched
 at all: it stays dense, and the space records why.
+
+A choice is stored in the study as zero-padded text (``"008"``, ``"120"``, ``"dense"``): the
+dashboard sorts a categorical parameter's values as text, so plain integers came out as
+96, 80, 72, ..., 248, 24, 224. Padded, they sort by rank with ``"dense"`` last, and the
+sampler sees the same categorical as before. An integer distribution would order them too, but
+cannot hold exactly these choices (the measured-faster ranks have gaps, and dense sits far
+above them). Studies begun with plain integer values keep them (:meth:`SearchSpace.matching`).
+Warm starts and everything else speak choices (``8``, ``"dense"``); only Optuna params are encoded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Union
+
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial
 
 from lrsearch.core import DENSE, Decomposition, candidate_ranks
 
@@ -30,11 +42,40 @@ def _encode(scheme: str, rank: int, *, multi_scheme: bool) -> Choice:
 
 @dataclass(frozen=True)
 class LayerSpace:
-    """Choices of one layer, ascending in rank, ``"dense"`` last."""
+    """Choices of one layer, ascending in rank, ``"dense"`` last; ``plain`` stores them unpadded."""
 
     name: str
     choices: tuple[Choice, ...]
     options: Mapping[Choice, tuple[str, int]]
+    plain: bool = False
+
+    @cached_property
+    def _codes(self) -> dict[Choice, Choice]:
+        """Choice -> Optuna value: the rank zero-padded to the layer's widest rank, ``"dense"`` as is."""
+        if self.plain:
+            return {choice: choice for choice in self.choices}
+        width = len(str(max(rank for _, rank in self.options.values())))
+        codes: dict[Choice, Choice] = {DENSE: DENSE}
+        for choice, (scheme, rank) in self.options.items():
+            codes[choice] = f"{rank:0{width}d}" if isinstance(choice, int) else f"{scheme}:{rank:0{width}d}"
+        return codes
+
+    @cached_property
+    def _choices_by_value(self) -> dict[Choice, Choice]:
+        return {value: choice for choice, value in self._codes.items()}
+
+    @property
+    def values(self) -> tuple[Choice, ...]:
+        """The Optuna categorical choices, in the order of :attr:`choices`."""
+        return tuple(self._codes[choice] for choice in self.choices)
+
+    def encode(self, choice: Choice) -> Choice:
+        """The Optuna value of a choice."""
+        return self._codes[choice]
+
+    def choice_of(self, value: Any) -> Choice:
+        """The choice an Optuna value stands for: the inverse of :meth:`encode`."""
+        return self._choices_by_value[value]
 
     def decode(self, choice: Choice) -> tuple[str, int] | None:
         """``(scheme, rank)`` of a choice, or None for ``"dense"``."""
@@ -87,20 +128,48 @@ class SearchSpace:
         """Decode Optuna params into ``{layer: (scheme, rank)}`` for the factorized layers."""
         plan: dict[str, tuple[str, int]] = {}
         for name, layer in self.layers.items():
-            decoded = layer.decode(params[param_name(name)])
+            decoded = layer.decode(layer.choice_of(params[param_name(name)]))
             if decoded is not None:
                 plan[name] = decoded
         return plan
 
     def params(self, ranks: Mapping[str, Choice]) -> dict[str, Choice]:
         """Encode a ``{layer: choice}`` allocation as Optuna params (missing layers: dense)."""
-        return {param_name(name): ranks.get(name, DENSE) for name in self.layers}
+        return {param_name(name): layer.encode(ranks.get(name, DENSE)) for name, layer in self.layers.items()}
 
     def allocation(self, params: Mapping[str, Any]) -> dict[str, Choice]:
         """Decode Optuna params into a ``{layer: choice}`` allocation: the inverse of :meth:`params`."""
-        return {name: params.get(param_name(name), DENSE) for name in self.layers}
+        return {name: layer.choice_of(params.get(param_name(name), DENSE)) for name, layer in self.layers.items()}
+
+    def distributions(self) -> dict[str, CategoricalDistribution]:
+        """The Optuna distribution of every searched layer's parameter."""
+        return {param_name(name): CategoricalDistribution(layer.values) for name, layer in self.layers.items()}
+
+    def matching(self, trials: Iterable[FrozenTrial]) -> SearchSpace:
+        """This space in the encoding a study's trials already use, layer by layer.
+
+        A layer whose finished trials hold plain (unpadded) choices, or whose enqueued trials fix
+        one, keeps plain values: Optuna refuses a categorical whose choices change.
+        """
+        trials = list(trials)
+        layers = {name: replace(layer, plain=True) if _stored_plain(layer, trials) else layer
+                  for name, layer in self.layers.items()}
+        return replace(self, layers=layers)
 
     @staticmethod
     def key(params: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
         """A hashable identity of a configuration, for skipping duplicates."""
         return tuple(sorted((name, str(value)) for name, value in params.items()))
+
+
+def _stored_plain(layer: LayerSpace, trials: list[FrozenTrial]) -> bool:
+    """Whether the first trial that says how ``layer`` is stored says: plain choices."""
+    name = param_name(layer.name)
+    for trial in trials:
+        distribution = trial.distributions.get(name)
+        if isinstance(distribution, CategoricalDistribution):
+            return tuple(distribution.choices) == layer.choices
+        fixed = trial.system_attrs.get("fixed_params", {}).get(name)
+        if fixed is not None and fixed != DENSE:
+            return fixed in layer.choices and fixed not in layer.values
+    return False

@@ -36,7 +36,6 @@ from lrsearch.measure import (
     EvaluationError,
     Evaluator,
     LatencyTable,
-    LoggedMetric,
     build_latency_table,
 )
 from lrsearch.study._config import SearchConfig
@@ -45,6 +44,7 @@ from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
 from lrsearch.study._progress import SearchProgress
 from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted
+from lrsearch.study._stored_table import store_latency_table, stored_latency_table
 from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
 
 __all__ = ["Candidate", "SearchResult", "search"]
@@ -169,6 +169,11 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
     with _resume_hint(config.study_name, storage_url):
         batches = list(data)
         evaluator = Evaluator(batches, metric=metric, batch_fn=batch_fn, device=model_device(model))
+        if evaluator.higher_is_better not in (None, config.higher_is_better):
+            raise LrSearchError(format_problem(
+                f"The metric {metric!r} improves {'upward' if evaluator.higher_is_better else 'downward'}, "
+                f"but higher_is_better={config.higher_is_better}",
+                hint=f"pass higher_is_better={evaluator.higher_is_better} (SearchConfig)."))
         baseline = evaluator.evaluate(model)
         allowed = budget.allowed_drop(baseline.value)
         decomposition = Decomposition(model, method=config.method,  # type: ignore[arg-type]
@@ -182,12 +187,12 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         study = optuna.create_study(storage=storage, study_name=config.study_name, sampler=_sampler(config),
                                     directions=directions, load_if_exists=True)
         table = _prepared_table(study, config, decomposition, batches, forward, run_dir)
-        space = _space(decomposition, config, table)
+        space = _space(decomposition, config, table).matching(study.get_trials(deepcopy=False))
         costs = PlanCosts(decomposition, dense_params=count_params(model),
                           dense_macs=round(macs_per_sample(model, batches[0], forward=forward)), table=table)
         dense = costs({})
         _prepare_study(study, config, budget=budget, baseline=baseline.value, allowed=allowed, dense=dense,
-                       metric_name=metric_name or _metric_label(metric))
+                       metric_name=metric_name or baseline.metric_name)
         bisection = None
         if config.warm_start:
             cost_of = _cost_fn(space, costs, config.objective)
@@ -204,9 +209,10 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
             _run_trials(study, objective, config, space=space, bisection=bisection, callbacks=[*callbacks, progress])
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
-        full_ranks = {name: _max_rank(decomposition.full_rank(name)) for name in space.layers}
-        publish_plots(study, cost_key=config.objective, cost_label=config.objective, allowed_drop=allowed,
-                      best=study.trials[best.trial] if best else None, full_ranks=full_ranks)
+        publish_plots(study, objective=config.objective, metric=metric_name or baseline.metric_name,
+                      budget=str(budget), allowed_drop=allowed, front=[c.trial for c in pareto],
+                      dense_cost=dense.get(config.objective),
+                      full_ranks={name: decomposition.full_rank(name) for name in space.layers})
         result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
                               baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
                               pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
@@ -364,18 +370,6 @@ def _no_traceback_for_interrupts() -> Iterator[None]:
         logger.removeFilter(quiet)
 
 
-def _max_rank(rank: Any) -> int:
-    return max(rank) if isinstance(rank, tuple) else int(rank)
-
-
-def _metric_label(metric: Any) -> str:
-    if metric is None:
-        return "accuracy"
-    if isinstance(metric, LoggedMetric):
-        return metric.name
-    return getattr(metric, "__name__", type(metric).__name__)
-
-
 def _cost_fn(space: SearchSpace, costs: PlanCosts, objective: str) -> Callable[[str, Any], float]:
     """Per-layer cost of a choice in the objective's unit, for the greedy warm start.
 
@@ -401,9 +395,9 @@ def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: De
     """The study's deployment latency; measured (or reused from the run folder) only if the study has none."""
     if config.objective != "latency":
         return None
-    stored = study.user_attrs.get(ATTR + "latency_table")
+    stored = stored_latency_table(study)
     if stored is not None:
-        return DeploymentLatency.from_dict(stored)
+        return stored
     threads = config.threads or torch.get_num_threads()
     sizes = config.batch_sizes or (batch_size_of(batches[0]),)
     geometries = {name: decomposition.geometry(name).to_dict() for name in decomposition.targets}
@@ -428,10 +422,10 @@ def _prepared_table(study: optuna.Study, config: SearchConfig, decomposition: De
     atomic_write_json(path, deployment.to_dict())
     # Another worker may have stored its table while this one measured: the first stored wins, so
     # every worker offers the same rank choices (Optuna refuses a parameter whose choices differ).
-    stored = study.user_attrs.get(ATTR + "latency_table")
+    stored = stored_latency_table(study)
     if stored is not None:
-        return DeploymentLatency.from_dict(stored)
-    study.set_user_attr(ATTR + "latency_table", deployment.to_dict())
+        return stored
+    store_latency_table(study, deployment)
     return deployment
 
 

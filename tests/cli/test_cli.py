@@ -65,7 +65,7 @@ def test_tune_default_runs_end_to_end(tuned) -> None:
     # The summary: both columns, the measured speedup, and where everything went.
     out = result.stdout
     assert "MEETS THE BUDGET 5%" in out
-    for text in ("original", "compressed", "parameters", "MACs per sample", "x faster", "accuracy on test",
+    for text in ("original", "compressed", "parameters", "MACs per sample", "x faster", "accuracy (test split)",
                  str(run_dir / "compressed.ckpt"), str(run_dir / "report.html"), "lrsearch dashboard"):
         assert text in out, text
     assert f"{report['dense']['params']:,}" in out and f"{report['final']['params']:,}" in out
@@ -244,7 +244,7 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
                        "--search.objective", "macs", "--finetune.distill", "false"])
     out = capsys.readouterr().out
     assert status == 1
-    assert "DOES NOT MEET THE BUDGET 0.5%" in out and "trial 3 drop 2.00 points" in out and "HINT" in out
+    assert "DOES NOT MEET THE BUDGET 0.5%" in out and "tried after fine-tuning: trial 3" in out and "HINT" in out
     spec = calls["spec"]
     assert spec.search_budget == "2%" and spec.max_finetunes == 2 and str(spec.allowed) == "0.5%"
     assert str(spec.constraint) == "2%" and spec.run_dir == str(tmp_path / "run")

@@ -124,8 +124,8 @@ def test_conv_cost_without_spatial_size_has_no_macs(scheme: str) -> None:
 
 
 def test_geometry_of_rejects_other_modules() -> None:
-    with pytest.raises(TypeError, match="Conv1d"):
-        geometry_of(nn.Conv1d(3, 4, 3))
+    with pytest.raises(TypeError, match="Conv3d"):
+        geometry_of(nn.Conv3d(3, 4, 3))
 
 
 def test_factorized_conv_cost_validates_rank() -> None:

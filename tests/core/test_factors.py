@@ -9,7 +9,7 @@ from torch import nn
 
 import lrsearch
 from lrsearch.core._conv import LowRankConv2d
-from lrsearch.core._factors import matrix_factors, symmetric_sqrt, tucker2_factors
+from lrsearch.core._factors import matrix_factors, symmetric_sqrt, tucker2_factors, whitening_route
 from lrsearch.core._linear import LowRankLinear
 from tests.core._models import rel_err
 
@@ -114,6 +114,45 @@ def test_whitened_beats_plain_at_every_rank_and_is_optimal() -> None:
     assert float(whitened.singular_values.square().sum().sqrt()) == pytest.approx(scale, rel=1e-6)
 
 
+@pytest.mark.parametrize(("samples", "out_features", "in_features"),
+                         [(200, 10, 40), (200, 40, 40), (20, 10, 40)],
+                         ids=["wide-full-gram", "square", "wide-few-samples"])
+def test_output_and_input_routes_give_the_same_optimum(samples: int, out_features: int,
+                                                       in_features: int) -> None:
+    """The output route (eigenvectors of W C Wᵀ) and the input route (SVD of W S) are the same
+    rank-k optimum of the output error: same whitened singular values, and the same error at
+    every rank, equal to the tail of those values; with a full-rank gram, the same matrices."""
+    x = correlated_rows(samples, in_features)
+    weight = torch.randn(out_features, in_features)
+    gram = x.double().T @ x.double()
+    by_input = matrix_factors(weight, gram=gram, route="input", ridge=1e-10)
+    by_output = matrix_factors(weight, gram=gram, route="output", ridge=1e-10)
+    data_rank = min(samples, out_features)
+    scale = float((x.double() @ weight.double().T).norm())
+    torch.testing.assert_close(by_output.singular_values[:data_rank], by_input.singular_values[:data_rank],
+                               rtol=1e-6, atol=1e-9)
+    for rank in range(1, data_rank + 1):
+        optimum = float(by_input.singular_values[rank:].square().sum().sqrt())
+        for factors in (by_input, by_output):
+            assert output_error(x, weight, product(factors, rank)) == pytest.approx(optimum, rel=1e-4,
+                                                                                     abs=1e-6 * scale)
+        if samples >= in_features:
+            assert rel_err(product(by_output, rank), product(by_input, rank)) <= 1e-6, rank
+    assert rel_err(product(by_output, out_features), weight) <= 1e-6  # full rank reproduces W
+
+
+def test_auto_route_takes_the_small_eigenproblem(monkeypatch) -> None:
+    assert whitening_route(512, 4608) == "output" and whitening_route(64, 64) == "input"
+    assert whitening_route(3072, 768) == "input"
+    sizes: list[int] = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: (sizes.append(a.shape[0]), eigh(a))[1])
+    x = correlated_rows(100, 30)
+    matrix_factors(torch.randn(5, 30), gram=x.T @ x)
+    matrix_factors(torch.randn(30, 5), gram=x[:, :5].T @ x[:, :5])
+    assert sizes == [5, 5]  # out × out for the wide layer, in × in for the tall one
+
+
 def test_whitened_gram_dtype_does_not_matter() -> None:
     x = correlated_rows(100, 12)
     weight = torch.randn(6, 12)
@@ -124,12 +163,15 @@ def test_whitened_gram_dtype_does_not_matter() -> None:
     assert from_float32.singular_values.dtype == torch.float64
 
 
-def test_whitened_with_identity_gram_is_plain_svd() -> None:
+@pytest.mark.parametrize("route", ["input", "output"])
+def test_whitened_with_identity_gram_is_plain_svd(route: str) -> None:
     weight = torch.randn(6, 9, dtype=torch.float64)
-    plain, whitened = matrix_factors(weight), matrix_factors(weight, gram=torch.eye(9))
-    torch.testing.assert_close(whitened.singular_values, plain.singular_values)
+    plain, whitened = matrix_factors(weight), matrix_factors(weight, gram=torch.eye(9), route=route)
+    # The output route adds ridge·mean to the gram's diagonal, so it differs by O(ridge) = 1e-6.
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if route == "output" else {}
+    torch.testing.assert_close(whitened.singular_values, plain.singular_values, **tolerance)
     for rank in (1, 3, 5):
-        torch.testing.assert_close(product(whitened, rank), product(plain, rank))
+        torch.testing.assert_close(product(whitened, rank), product(plain, rank), **tolerance)
 
 
 def test_symmetric_sqrt_is_a_square_root_and_inverse() -> None:
@@ -310,7 +352,7 @@ def test_one_decomposition_serves_every_rank(monkeypatch, make, method, scheme, 
     decomposition = lrsearch.Decomposition(model, method=method, calibration=batches, conv_scheme=scheme)
     assert len(forwards) == len(batches)  # exactly one calibration pass
     first = decomposition.build(rank_maps[0])
-    assert svd.calls >= 1
+    assert (svd.calls if method == "svd" else eigh.calls) >= 1
     assert (eigh.calls >= 1) == (method == "whitened")
 
     svd.calls = eigh.calls = 0

@@ -107,3 +107,18 @@ def test_top_level_reexports_are_the_core_objects():
     for name in errors.__all__:
         if name in lrsearch.__all__:
             assert getattr(lrsearch, name) is getattr(errors, name)
+
+
+def test_core_never_imports_transformers():
+    """transformers' Conv1D is recognised by duck type: core must work where transformers is absent."""
+    core_files = sorted((PACKAGE / "core").rglob("*.py"))
+    assert all("transformers" not in {name.split(".")[0] for name in _imported_modules(path)}
+               for path in core_files)
+    script = ("import sys, torch, lrsearch.core\n"
+              "model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Conv1d(8, 8, 1))\n"
+              "lrsearch.core.select_targets(model)\n"
+              "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

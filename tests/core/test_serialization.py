@@ -291,7 +291,7 @@ def test_load_recipe_with_newer_format_version(saved_mlp):
 
 
 @pytest.mark.parametrize(("field", "value", "fragment"), [
-    ("type", "conv2d", "expected nn.Conv2d"),
+    ("type", "conv2d", "expected Conv2d"),
     ("rank", 999, "'fc1'"),
     ("type", "lstm", "lstm"),
 ])

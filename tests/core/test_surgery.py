@@ -9,6 +9,7 @@ from torch import nn
 
 import lrsearch
 from lrsearch import LowRankConv2d, LowRankLinear
+from lrsearch.core import LowRankMultiheadAttention
 from tests.core import _models as M
 
 
@@ -69,18 +70,20 @@ def test_full_rank_matches_original_in_train_eval_and_inference(case, method):
     assert {name: type(m) for name, m in model.named_modules()} == before["types"]
 
 
-def test_transformer_layer_skips_attention_out_proj_and_keeps_its_type():
+def test_transformer_layer_attention_projections_are_targets_and_dense_attention_keeps_its_type():
     model = M.seeded(M.transformer_layer)
     decomposition = lrsearch.Decomposition(model, method="svd")
-    assert decomposition.targets == ("linear1", "linear2")
-    assert set(decomposition.skipped) == {"self_attn.out_proj"}
-    assert "MultiheadAttention" in decomposition.skipped["self_attn.out_proj"]
-    compressed = decomposition.build(1.0)
-    assert type(compressed.self_attn.out_proj) is type(model.self_attn.out_proj)
-    assert type(compressed.self_attn) is nn.MultiheadAttention
+    assert decomposition.targets == ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+    assert decomposition.skipped == {}
+    compressed = decomposition.build({"linear1": 8, "linear2": 8})  # attention left dense ...
+    assert type(compressed.self_attn) is nn.MultiheadAttention  # ... keeps its type and weights
     assert torch.equal(compressed.self_attn.out_proj.weight, model.self_attn.out_proj.weight)
+    assert compressed.self_attn.in_proj_weight.data_ptr() != model.self_attn.in_proj_weight.data_ptr()
     assert isinstance(compressed.linear1, LowRankLinear)
-    assert isinstance(compressed.linear2, LowRankLinear)
+    full = decomposition.build(1.0)
+    assert type(full.self_attn) is LowRankMultiheadAttention
+    assert isinstance(full.self_attn.in_proj, LowRankLinear) and isinstance(full.self_attn.out_proj, LowRankLinear)
+    assert type(model.self_attn) is nn.MultiheadAttention  # the original is untouched
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
@@ -97,10 +100,12 @@ def test_transformer_encoder_with_nested_tensor_and_padding_mask(method, calibra
 
     calibration = _batches((4, 6, 32)) if calibrate else None
     compressed = lrsearch.factorize(model, 1.0, method=method, calibration=calibration, forward=forward)
-    assert _factorized_names(compressed) == {f"layers.{i}.linear{j}" for i in (0, 1) for j in (1, 2)}
+    assert _factorized_names(compressed) == {f"layers.{i}.{name}" for i in (0, 1)
+                                             for name in ("linear1", "linear2", "self_attn.in_proj",
+                                                          "self_attn.out_proj")}
     assert model.use_nested_tensor, "the user's encoder must keep its setting"
     x = _batches((4, 6, 32), count=1, seed=7)[0]
-    keep = ~mask  # padded positions are unspecified (the nested path fills them with 0)
+    keep = ~mask  # with grad enabled, neither encoder nests, and padded positions hold computed values
     for mode in ("train", "eval"):
         model.train(mode == "train")
         compressed.train(mode == "train")
@@ -109,11 +114,13 @@ def test_transformer_encoder_with_nested_tensor_and_padding_mask(method, calibra
         assert M.relative_error(actual[keep], expected[keep]) < TOL, mode
     model.eval()
     compressed.eval()
-    with torch.inference_mode():
-        expected = model(x, src_key_padding_mask=mask)
-        actual = compressed(x, src_key_padding_mask=mask)
-    assert actual.shape == expected.shape
-    assert M.relative_error(actual[keep], expected[keep]) < TOL
+    for context in (torch.inference_mode, torch.no_grad):  # the dense encoder nests: zeros when padded
+        with context():
+            expected = model(x, src_key_padding_mask=mask)
+            actual = compressed(x, src_key_padding_mask=mask)
+        assert actual.shape == expected.shape
+        assert torch.equal(expected[~keep], torch.zeros_like(expected[~keep]))
+        assert M.relative_error(actual, expected) < TOL  # every position, padded ones included
 
 
 def test_residual_cnn_skips_depthwise_conv_and_keeps_it_dense():
@@ -201,8 +208,10 @@ def test_original_model_untouched_and_shares_no_storage(case):
     original_ptrs = {p.data_ptr() for p in model.parameters()}
     new_ptrs = {p.data_ptr() for p in compressed.parameters()}
     assert not original_ptrs & new_ptrs
-    for name in _factorized_names(compressed):
-        assert isinstance(model.get_submodule(name), (nn.Linear, nn.Conv2d))
+    modules = dict(model.named_modules())
+    for name in _factorized_names(compressed):  # a dense layer, or a projection of a dense attention
+        assert isinstance(modules.get(name), (nn.Linear, nn.Conv2d)) or isinstance(
+            modules[name.rpartition(".")[0]], nn.MultiheadAttention)
     # training the result does not leak into the original
     optimizer = torch.optim.SGD(compressed.parameters(), lr=0.1)
     compressed.train()

@@ -51,7 +51,7 @@ class Odd(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1d = nn.Conv1d(4, 4, 3)
+        self.conv3d = nn.Conv3d(4, 4, 3)
         self.deconv = nn.ConvTranspose2d(4, 4, 3)
         self.grouped = nn.Conv2d(4, 8, 3, groups=2)
         self.fc = nn.Linear(4, 4)
@@ -60,7 +60,7 @@ class Odd(nn.Module):
 class OnlyUnsupported(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv1d = nn.Conv1d(4, 4, 3)
+        self.conv3d = nn.Conv3d(4, 4, 3)
         self.deconv = nn.ConvTranspose2d(4, 4, 3)
         self.depthwise = nn.Conv2d(4, 4, 3, groups=4)
 
@@ -221,14 +221,15 @@ def test_no_match_errors_have_distinct_messages():
     assert "excluded every" in excluded
     assert "unsupported" in unsupported
     assert "deconv" in unsupported and "depthwise" in unsupported
-    assert "no Linear or Conv2d" in no_layers and "Sequential" in no_layers
+    assert "no layer lrsearch can factorize" in no_layers and "Sequential" in no_layers
+    assert "1 LayerNorm" in no_layers  # says what the model holds instead
     assert len({nothing, excluded, unsupported, no_layers}) == 4
 
 
 def test_no_match_raised_by_factorize_and_decomposition():
     with pytest.raises(lrsearch.NoMatchingModuleError, match="matched no"):
         lrsearch.factorize(_seeded(Net), 2, method="svd", target_modules=r"fc")
-    with pytest.raises(ValueError, match="no Linear or Conv2d"):
+    with pytest.raises(ValueError, match="no layer lrsearch can factorize"):
         lrsearch.Decomposition(nn.Sequential(nn.Tanh()), method="svd")
 
 
@@ -241,11 +242,11 @@ def test_many_available_names_are_truncated_in_message():
 
 # ---------------------------------------------------------------------------- skipped with reasons
 
-def test_conv1d_transposed_and_grouped_convs_are_skipped_with_reasons():
+def test_conv3d_transposed_and_grouped_convs_are_skipped_with_reasons():
     selection = select_targets(_seeded(Odd))
     assert list(selection.targets) == ["fc"]
-    assert set(selection.skipped) == {"conv1d", "deconv", "grouped"}
-    assert "Conv1d" in selection.skipped["conv1d"] and "not supported" in selection.skipped["conv1d"]
+    assert set(selection.skipped) == {"conv3d", "deconv", "grouped"}
+    assert "Conv3d" in selection.skipped["conv3d"] and "not supported" in selection.skipped["conv3d"]
     assert "transposed" in selection.skipped["deconv"]
     assert "grouped" in selection.skipped["grouped"] and "groups=2" in selection.skipped["grouped"]
 
@@ -254,9 +255,9 @@ def test_skipped_layers_are_reported_by_decomposition_and_stay_dense():
     model = _seeded(Odd)
     decomposition = lrsearch.Decomposition(model, method="svd")
     assert decomposition.targets == ("fc",)
-    assert set(decomposition.skipped) == {"conv1d", "deconv", "grouped"}
+    assert set(decomposition.skipped) == {"conv3d", "deconv", "grouped"}
     compressed = decomposition.build(2)
-    assert type(compressed.conv1d) is nn.Conv1d
+    assert type(compressed.conv3d) is nn.Conv3d
     assert type(compressed.deconv) is nn.ConvTranspose2d
     assert type(compressed.grouped) is nn.Conv2d
 

@@ -13,7 +13,14 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lrsearch._errors import LrSearchError
-from lrsearch.measure._evaluate import Evaluation, EvaluationError, Evaluator, default_batch_fn
+from lrsearch.measure._evaluate import (
+    Evaluation,
+    EvaluationError,
+    Evaluator,
+    check_metric,
+    default_batch_fn,
+)
+from lrsearch.pipeline._metric import resolve_metric
 
 CLASSES = 4
 
@@ -239,12 +246,16 @@ def broken_model() -> nn.Module:
 @pytest.mark.parametrize(("make", "problem"), [
     pytest.param(lambda: Evaluator([]), "empty", id="empty-data"),
     pytest.param(lambda: Evaluator(classification_data(), max_batches=0), "max_batches", id="max-batches-0"),
-    pytest.param(lambda: Evaluator(classification_data(), metric="accuracy"), "neither", id="metric-a-string"),
+    pytest.param(lambda: Evaluator(classification_data(), metric=3), "neither", id="metric-a-number"),
+    pytest.param(lambda: Evaluator(classification_data(), metric="f1"), "Unknown metric name 'f1'.*'loss'",
+                 id="metric-an-unknown-name"),
     pytest.param(lambda: Evaluator(classification_data()).iter_chunks(classifier(), chunk_batches=0),
                  "chunk_batches", id="chunk-batches-0"),
     pytest.param(lambda: Evaluator([{"x": torch.randn(2, 6), "y": torch.zeros(2)}]).evaluate(classifier()),
-                 "dict batch.*batch_fn=", id="dict-batch"),
+                 "dict batch has no 'labels'.*batch_fn=", id="dict-batch"),
     pytest.param(lambda: Evaluator([torch.randn(2, 6)]).evaluate(classifier()), "no targets", id="no-targets"),
+    pytest.param(lambda: Evaluator([(torch.randn(2, 6), [0, 1])]).evaluate(classifier()),
+                 "targets are not a tensor.*Got a list", id="list-targets"),
     pytest.param(lambda: Evaluator(classification_data()).evaluate(broken_model()),
                  "batch 0: RuntimeError", id="model-error"),
     pytest.param(lambda: Evaluator(classification_data(), batch_fn=lambda model, batch: model(batch[0]))
@@ -281,6 +292,51 @@ def test_custom_batch_fn_for_dict_batches() -> None:
     model = classifier()
     evaluation = Evaluator(data, batch_fn=lambda m, batch: (m(batch["x"]), batch["label"])).evaluate(model)
     assert evaluation.value == pytest.approx(hand_accuracy(model, classification_data())[0])
+
+
+def test_loss_is_the_mean_cross_entropy_per_row_and_lower_is_better() -> None:
+    data, model = classification_data(), classifier()
+    model.eval()
+    with torch.no_grad():
+        expected = torch.cat([nn.functional.cross_entropy(model(x), y, reduction="none") for x, y in data]).mean()
+    evaluator = Evaluator(data, metric="loss")
+
+    chunks = list(evaluator.iter_chunks(model, chunk_batches=2))
+
+    assert chunks[-1].value == pytest.approx(expected.item(), rel=1e-6)
+    assert [chunk.samples for chunk in chunks] == [20, 25]
+    assert chunks[-1].metric_name == "loss" and chunks[-1].correct is None
+    assert evaluator.higher_is_better is False
+    assert Evaluator(data).higher_is_better is True and Evaluator(data, metric="accuracy").higher_is_better is True
+    assert Evaluator(data, metric=MulticlassAccuracy(CLASSES)).higher_is_better is None
+
+
+def test_every_evaluation_names_its_metric() -> None:
+    data, model = classification_data(), classifier()
+
+    def my_score(outputs: Tensor, targets: Tensor) -> float:
+        return 0.5
+
+    assert Evaluator(data).evaluate(model).metric_name == "accuracy"
+    assert Evaluator(data, metric=my_score).evaluate(model).metric_name == "my_score"
+    assert Evaluator(data, metric=MulticlassAccuracy(CLASSES)).evaluate(model).metric_name == "MulticlassAccuracy"
+
+
+def test_targets_of_minus_100_are_left_out() -> None:
+    logits = torch.eye(CLASSES) * 5
+    targets = torch.tensor([0, -100, 2, 0])
+    evaluation = Evaluator([(logits, targets)]).evaluate(nn.Identity())
+    assert evaluation.correct is not None and evaluation.correct.tolist() == [True, True, False]
+    assert evaluation.samples == 3
+
+
+def test_metric_names_are_checked_before_any_data_is_read() -> None:
+    check_metric("loss")
+    with pytest.raises(EvaluationError, match="Unknown metric name 'los'"):
+        check_metric("los")
+    with pytest.raises(EvaluationError, match="Unknown metric name 'los'"):
+        resolve_metric(metric="los", monitor=None, metric_name=None)
+    assert resolve_metric(metric="loss", monitor=None, metric_name=None) == ("loss", None)
 
 
 def test_evaluation_is_frozen() -> None:

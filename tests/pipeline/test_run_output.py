@@ -31,17 +31,18 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("output")
     capture = pytest.MonkeyPatch()
     torch.manual_seed(0)
-    # 0.2 is a plain fraction above 0.1: parse_budget warns about it, once per parse.
-    callback = lrsearch.RankSearch(0.2, run_dir=root / "lrs", search={"n_trials": 6, "objective": "macs"},
-                                   finetune={"epochs": 1, "progress": False}, max_finetunes=2)
     logger = CSVLogger(root / "logs", name="fit")
-    trainer = pl.Trainer(max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, default_root_dir=root, accelerator="cpu", callbacks=[callback])
     err = io.StringIO()
     capture.setattr(sys, "stderr", err)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # 0.2 is a plain fraction above 0.1: parse_budget warns about it, once per parse.
+            callback = lrsearch.RankSearch(0.2, run_dir=root / "lrs", search={"n_trials": 6, "objective": "macs"},
+                                           finetune={"epochs": 1, "progress": False}, max_finetunes=2)
+            trainer = pl.Trainer(max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                                 enable_checkpointing=False, default_root_dir=root, accelerator="cpu",
+                                 callbacks=[callback])
             trainer.fit(TinyClassifier(), datamodule=TinyData())
     finally:
         capture.undo()

@@ -15,10 +15,11 @@ from optuna.trial import TrialState
 from torch import nn
 
 import lrsearch
-from lrsearch.measure import DeploymentLatency, LatencyTable, LayerLatency
+from lrsearch.measure import LatencyTable, LayerLatency
 from lrsearch.study import CONSTRAINT, SearchConfig, SearchSpace, search
 from lrsearch.study import _study as study_module
 from lrsearch.study._space import param_name
+from lrsearch.study._stored_table import stored_latency_table
 from lrsearch.study._warmstart import warm_starts
 
 FAST = {"n_trials": 8, "objective": "macs", "seed": 3}
@@ -230,7 +231,7 @@ def test_latency_table_built_once_and_slow_layer_stays_dense(trained, tmp_path: 
     assert all("2" not in c.ranks for c in first.pareto)
     search(model, val, budget="1%", run_dir=str(tmp_path), **{**options, "n_trials": 6})
     assert builds == [1]
-    stored = DeploymentLatency.from_dict(_study(first).user_attrs["lrsearch:latency_table"])
+    stored = stored_latency_table(_study(first))
     assert stored.primary.layers.keys() == first.latency_table.primary.layers.keys()
     assert (tmp_path / "latency-table.json").is_file()
     best = first.best
@@ -252,7 +253,7 @@ def test_a_table_another_worker_stored_meanwhile_wins(trained, tmp_path: Path, m
     result = search(model, val, budget="1%", run_dir=str(tmp_path), **{**FAST, "objective": "latency", "n_trials": 3})
     assert result.latency_table.primary.to_dict() == theirs.to_dict()
     assert "0" in result.space.fixed_dense and "2" in result.space.layers
-    assert _study(result).user_attrs["lrsearch:latency_table"] == theirs.to_dict()
+    assert stored_latency_table(_study(result)).primary.to_dict() == theirs.to_dict()
 
 
 def test_unknown_option_is_a_clear_type_error(trained, tmp_path: Path) -> None:
