@@ -17,23 +17,22 @@ neither torch nor Optuna.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
-from pathlib import Path
 from typing import Any
 
 import lrsearch
-from lrsearch._checks import did_you_mean
+from lrsearch._argv import CONFIG_DIR, UsageError, check_yaml, one_line, parse_message, prepared, shipped
 from lrsearch._errors import Interrupted, LrSearchError, format_problem
 from lrsearch._version import __version__
 
+__all__ = ["CONFIG_DIR", "EXIT_INTERRUPTED", "EXIT_MISSED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
+
 PROG = "lrsearch"
 EXIT_OK, EXIT_MISSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-CONFIG_DIR = Path(__file__).parent / "configs"
 _JOB_COMMANDS = ("tune", "worker", "finalize")
 _HELP = {
     "tune": "compress a model end to end (default: the built-in pretrained MNIST-1D MLP)",
@@ -56,32 +55,26 @@ _DESCRIPTION = {
     "demo": "Factorize every layer of a pretrained MNIST-1D MLP at uniform rank fractions with plain and "
             "whitened SVD, print a table, then search per-layer ranks (no fine-tuning: see lrsearch tune).",
 }
-_ALIASES = {"--storage": "--search.storage", "--study-name": "--search.study_name",
-            "--worker-index": "--search.worker_index", "--run-dir": "--run_dir", "--cache-dir": "--cache_dir"}
 # Fields of SearchConfig that a run sets itself (RunSpec refuses them), so they are no flags.
 _SET_BY_THE_RUN = {"budget", "run_dir"}
-
-
-class UsageError(LrSearchError, ValueError):
-    """Bad command-line input found before any work started (exit status 2)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lrsearch`` command line with ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
     from jsonargparse import ArgumentError
 
-    argv = _prepared(list(sys.argv[1:] if argv is None else argv))
+    argv = prepared(list(sys.argv[1:] if argv is None else argv))
     command = next((word for word in argv if not word.startswith("-")), None)
     command = command if command in _HELP else None
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         warnings.filterwarnings("ignore", module="jsonargparse")
         try:
-            _check_yaml(argv)
+            check_yaml(argv)
             parser, sub = _parser(command)
             args = parser.parse_args(argv)
         except ArgumentError as error:
-            return _fail(command, _parse_message(str(error), sub))
+            return _fail(command, parse_message(str(error), sub))
         except LrSearchError as error:
             return _fail(command, str(error))
         try:
@@ -127,7 +120,7 @@ def _job_arguments(parser: Any) -> None:
     from lrsearch.study import SearchConfig
 
     parser.add_argument("--config", action=ActionConfigFile,
-                        help=f"YAML config file, or a built-in one by name ({', '.join(_shipped())}); "
+                        help=f"YAML config file, or a built-in one by name ({', '.join(shipped())}); "
                              "flags after it override its values")
     for key, kind, what in (("model", "LightningModule", "trained LightningModule: class_path and init_args; "
                              "unset: the built-in pretrained MNIST-1D MLP"),
@@ -173,90 +166,16 @@ def _lightning_bases(name: str) -> tuple[type, ...]:
     return tuple(bases)
 
 
-def _shipped() -> list[str]:
-    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Input before parsing, and parse errors as one readable line
-
-
-def _prepared(argv: list[str]) -> list[str]:
-    """Aliases spelled out; ``--budget -1%`` as ``--budget=-1%`` (argparse would take "-1%" for a flag and
-    hide the real problem); a built-in config named without its path."""
-    words: list[str] = []
-    for word in [part for word in argv for part in
-                 (word.split("=", 1) if word.startswith("--config=") else [word])]:
-        flag, equals, value = word.partition("=")
-        word = _ALIASES.get(flag, flag) + equals + value
-        if words and words[-1] in ("--budget", "--search_budget") and re.match(r"-[\d.]", word):
-            words[-1] = f"{words[-1]}={word}"
-        elif words and words[-1] == "--config" and not Path(word).exists() and (CONFIG_DIR / f"{word}.yaml").is_file():
-            words.append(str(CONFIG_DIR / f"{word}.yaml"))
-        else:
-            words.append(word)
-    return words
-
-
-def _check_yaml(argv: Sequence[str]) -> None:
-    """A config file that is missing or not YAML, named with its line (jsonargparse names neither)."""
-    import yaml
-
-    for flag, value in zip(argv, argv[1:]):
-        if flag != "--config":
-            continue
-        path = Path(value)
-        if not path.is_file():
-            raise UsageError(f"--config: file not found: {value} (built-in configs: {', '.join(_shipped())})")
-        try:
-            yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise UsageError(f"--config: {path}{where}: not valid YAML: {error.problem}") from None
-
-
 def _fail(command: str | None, message: str) -> int:
     prefix = f"{PROG} {command}" if command else PROG
-    print(f"{prefix}: error: {_one_line(message)}", file=sys.stderr)
+    print(f"{prefix}: error: {one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _one_line(message: str) -> str:
-    return re.sub(r"\s+", " ", message).strip()
-
-
-def _parse_message(message: str, parser: Any) -> str:
-    """jsonargparse's (often multi-line, nested) parse error as one sentence, with a "did you mean"."""
-    keys = [action.dest for action in getattr(parser, "_actions", []) if action.dest != "help"]
-    unknown = re.search(r"unrecognized arguments: (--[\w.]+)", message)
-    if unknown:
-        return f"unrecognized arguments: {unknown.group(1)}{did_you_mean(unknown.group(1), ['--' + k for k in keys])}"
-    where = re.search(r'Parser key "([^"]+)"', message)
-    prefix = f"{where.group(1)}: " if where else ""
-    problem = re.search(r"Problem with given class_path '([^']+)':\n(.+?)(?=\n    - |\n  Given value|\Z)", message,
-                        re.DOTALL)
-    if problem:
-        detail = re.sub(r'Parser key "([^"]+)":\s*', r"\1: ", _one_line(problem.group(2)))
-        return f"{prefix}cannot use class_path {problem.group(1)!r}: {detail}"
-    key = re.search(r"(Group|Subcommand) '([\w.]+)' does not accept option '([\w.]+)'|Option '([\w.]+)' is not accepted",
-                    message)
-    if key:
-        name = key.group(4) or (key.group(3) if key.group(1) == "Subcommand" else f"{key.group(2)}.{key.group(3)}")
-        return f"the config key {name!r} is not an option{did_you_mean(name, keys)}"
-    given = re.search(r"Given value: (.+)", message)
-    subclass = re.search(r"does not correspond to a subclass of (\w+)", message)
-    if subclass:
-        return f"{prefix}{given.group(1).strip() if given else 'the class'} is not a {subclass.group(1)} subclass"
-    if "does not validate against any of the Union subtypes" in message or "Expected a" in message:
-        return f"{prefix}invalid value{': ' + given.group(1) if given else ''}"
-    return prefix + message[where.end():].lstrip(": ") if where else message
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """Warnings as one line each, without the source line a user cannot act on."""
-    print(f"{PROG}: warning: {_one_line(str(message))}", file=sys.stderr)
+    print(f"{PROG}: warning: {one_line(str(message))}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

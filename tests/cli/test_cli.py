@@ -219,7 +219,7 @@ def test_print_config_prints_the_merged_yaml(capsys) -> None:
 def test_every_shipped_config_parses_and_builds_its_spec(name: str) -> None:
     """In-process: parse each config by name (no instantiation, so no pretraining or database)."""
     parser, _ = cli._parser("tune")
-    args = parser.parse_args(cli._prepared(["tune", "--config", name]))
+    args = parser.parse_args(cli.prepared(["tune", "--config", name]))
     assert args.tune.model.class_path.startswith("lrsearch.demo.")
     spec = cli._spec_of("tune", args.tune)
     assert spec.allowed == lrsearch.parse_budget(args.tune.budget)
