@@ -136,7 +136,7 @@ CLI_CASES: list[Any] = [
     pytest.param(["--search.n_trails", "3"], "did you mean '--search.n_trials'", id="flag typo"),
     # model and data
     pytest.param(["--model", f"{LIT}.NoLinearClassifier", "--data", f"{LIT}.TinyData"],
-                 "has no Linear or Conv2d layer to factorize", id="no factorizable layer"),
+                 "has no layer lrsearch can factorize", id="no factorizable layer"),
     pytest.param(["--model", f"{LIT}.TinyClassifier", "--data", f"{LIT}.NoValidationData"],
                  "needs validation data", id="no validation data"),
     pytest.param([*MODEL, "--data.empty_val", "true"], "validation dataloader is empty", id="empty validation data"),
@@ -233,10 +233,10 @@ API_CASES: list[Any] = [
                    id=f"{entry} budget {name}")
       for entry in ENTRY_POINTS for name, (value, fragment) in BUDGETS.items()),
     pytest.param(lambda api: lrsearch.search(NoLinearClassifier(), api.val(), run_dir=api.run, objective="macs"),
-                 lrsearch.NoMatchingModuleError, "has no Linear or Conv2d layer", id="search no factorizable layer"),
+                 lrsearch.NoMatchingModuleError, "has no layer lrsearch can factorize", id="search no factorizable layer"),
     pytest.param(lambda api: lrsearch.compress(NoLinearClassifier(), budget="1%", run_dir=api.run,
                                                datamodule=TinyData()),
-                 lrsearch.NoMatchingModuleError, "has no Linear or Conv2d layer", id="compress no factorizable layer"),
+                 lrsearch.NoMatchingModuleError, "has no layer lrsearch can factorize", id="compress no factorizable layer"),
     pytest.param(lambda api: lrsearch.compress(api.module, budget="1%", run_dir=api.run, datamodule=NoValidationData()),
                  DataError, "needs validation data", id="compress no validation data"),
     pytest.param(lambda api: lrsearch.compress(api.module, budget="1%", run_dir=api.run,

@@ -175,7 +175,7 @@ MODEL = ["--model", "tests.reliability._lit.TinyClassifier", "--data", "tests.re
 def _tune(folder: Path, *flags: str) -> list[str]:
     """``lrsearch tune`` arguments on the tiny module and a copy of its checkpoint in ``folder``."""
     return ["tune", *MODEL, "--ckpt_path", str(folder / "tiny.ckpt"), "--run_dir", str(folder / "run"),
-            "--budget", "5%", "--search.n_trials", "4", "--finetune.progress", "false", *flags]
+            "--budget", "5%", "--search.n_trials", "4", "--search.threads", "1", "--finetune.progress", "false", *flags]
 
 
 def _interrupt(folder: Path, argv: list[str], started: Callable[[], bool]) -> tuple[int, str]:
