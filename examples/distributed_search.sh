@@ -6,15 +6,14 @@
 #   LRSEARCH_SMALL=1 bash examples/distributed_search.sh  # a quick check (8 trials, 1 epoch)
 #
 # Environment: RUN_DIR (default lrsearch-runs/distributed-example), LRSEARCH (the command,
-# default `lrsearch`; e.g. "python -m lrsearch"), CONFIG (default configs/mnist1d_mlp.yaml).
+# default `lrsearch`; e.g. "python -m lrsearch"), CONFIG (default mnist1d_mlp, a built-in config).
 # A journal file serves processes on one machine; across machines use a database URL
-# (configs/distributed_postgres.yaml).
+# (the built-in config distributed_postgres).
 set -euo pipefail
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LRSEARCH=${LRSEARCH:-lrsearch}
 RUN_DIR=${RUN_DIR:-lrsearch-runs/distributed-example}
-CONFIG=${CONFIG:-$HERE/../configs/mnist1d_mlp.yaml}
+CONFIG=${CONFIG:-mnist1d_mlp}
 STORAGE="journal:$RUN_DIR/study.log"
 STUDY=mnist1d-mlp
 

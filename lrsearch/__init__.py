@@ -3,12 +3,14 @@
 The package is layered: ``lrsearch.core`` (torch only) holds the layers, decomposition,
 cost model, surgery and save/load; ``lrsearch.measure`` the budget, evaluation and latency
 table; ``lrsearch.study`` the Optuna search; ``lrsearch.pipeline`` fine-tuning, verification,
-the report and the Lightning callback. The upper layers are imported lazily, so
-``import lrsearch`` for factorizing or loading a model never imports Optuna or Lightning.
+the report and the Lightning callback. Every layer is imported lazily, on first
+use of one of its names: ``import lrsearch`` for factorizing or loading a model never imports
+Optuna or Lightning, and the command line answers ``--help`` without importing torch.
 """
 
 from typing import TYPE_CHECKING, Any
 
+from lrsearch._checks import ConflictError, OptionError, UnknownOptionError
 from lrsearch._errors import (
     BudgetError,
     CalibrationError,
@@ -21,38 +23,13 @@ from lrsearch._errors import (
     UnsupportedLayerError,
 )
 from lrsearch._version import __version__
-from lrsearch.core import (
-    CHECKPOINT_KEY,
-    CONV_SCHEMES,
-    DENSE,
-    Cost,
-    Decomposition,
-    LayerGeometry,
-    LowRankCheckpointMixin,
-    LowRankConv2d,
-    LowRankLinear,
-    apply_recipe,
-    break_even_rank,
-    candidate_ranks,
-    count_macs,
-    count_params,
-    dense_cost,
-    factorize,
-    factorized_cost,
-    full_rank,
-    get_recipe,
-    load,
-    on_load_checkpoint,
-    on_save_checkpoint,
-    read_recipe,
-    save,
-    select_targets,
-)
 
+# The upper layers' names; every other name of __all__ that is not imported above is lrsearch.core's.
 _LAZY = {
     "CompressionResult": "lrsearch.pipeline",
     "FinetuneConfig": "lrsearch.pipeline",
     "RankSearch": "lrsearch.pipeline",
+    "RunSpec": "lrsearch.pipeline",
     "compress": "lrsearch.pipeline",
     "Candidate": "lrsearch.study",
     "SearchConfig": "lrsearch.study",
@@ -65,16 +42,16 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from lrsearch.measure import Budget, LoggedMetric, parse_budget
-    from lrsearch.pipeline import CompressionResult, FinetuneConfig, RankSearch, compress
+    from lrsearch.pipeline import CompressionResult, FinetuneConfig, RankSearch, RunSpec, compress
     from lrsearch.study import Candidate, SearchConfig, SearchResult, search
 
 
 def __getattr__(name: str) -> Any:
-    """Import the search layer on first use (optuna's lazy-import pattern)."""
-    if name in _LAZY:
+    """Import a layer on first use (optuna's lazy-import pattern): ``lrsearch --help`` needs no torch."""
+    if name in _LAZY or name in __all__:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY.get(name, "lrsearch.core")), name)
     raise AttributeError(f"module 'lrsearch' has no attribute {name!r}")
 
 
@@ -86,6 +63,7 @@ __all__ = [
     "CalibrationError",
     "Candidate",
     "CompressionResult",
+    "ConflictError",
     "Cost",
     "DENSE",
     "Decomposition",
@@ -99,11 +77,14 @@ __all__ = [
     "LowRankLinear",
     "LrSearchError",
     "NoMatchingModuleError",
+    "OptionError",
     "RankSearch",
     "RecipeError",
+    "RunSpec",
     "SearchConfig",
     "SearchResult",
     "UnknownLayerError",
+    "UnknownOptionError",
     "UnsupportedLayerError",
     "__version__",
     "apply_recipe",

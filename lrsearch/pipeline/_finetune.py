@@ -11,12 +11,13 @@ thread count are restored.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -24,10 +25,20 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from lrsearch._checks import (
+    ConflictError,
+    OptionError,
+    check_bool,
+    check_int,
+    check_positive,
+    check_unit_interval,
+    check_unknown,
+    is_int,
+)
 from lrsearch._errors import format_problem
 from lrsearch.core._runtime import ForwardFn, model_device
 from lrsearch.pipeline._data import DataError
-from lrsearch.pipeline._distill import DistillationError, _Distiller, _distilling
+from lrsearch.pipeline._distill import DistillationError, DistillLoss, _Distiller, _distilling, check_distill
 from lrsearch.pipeline._lightning import namespace_of
 
 __all__ = ["DistillationError", "FinetuneConfig", "auto_epochs", "finetune"]
@@ -48,81 +59,105 @@ AUTO_MAX_EPOCHS = 10
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Options of :func:`finetune`; every value is checked by name.
+    """Options of the fine-tune of each candidate (lrsearch.pipeline.finetune); each is checked by name.
 
     Attributes:
-        epochs: passes over the training data; ``None`` (default) picks them from the training
-            set's size: enough to see about ``AUTO_SAMPLES`` samples, from 1 to ``AUTO_MAX_EPOCHS``
-            (10 epochs for the 32,000-sample MNIST-1D demo, 1 for ImageNet).
-        max_steps: when positive, stop after this many optimizer steps; ``-1`` for no cap.
-        lr_scale: multiplies every learning rate of the module's own ``configure_optimizers``
-            (param groups and scheduler bases), since a fine-tune should move less than training.
-        distill: add knowledge distillation from the teacher to the module's loss.
+        epochs: passes over the training data per candidate; unset: from the training set's size,
+            enough to see about 320,000 samples, 1 to 10 epochs (10 for the 32,000-sample MNIST-1D demo).
+        max_steps: stop after this many optimizer steps; -1: no cap.
+        lr_scale: multiplies every learning rate of the module's own configure_optimizers (param
+            groups and scheduler bases): a fine-tune should move less than training did.
+        distill: add knowledge distillation from the original model to the module's loss: true
+            chooses the loss by output (KL for logits, cosine for features), or kl, cosine or mse.
         temperature: softening temperature T of the distillation targets.
-        alpha: weight of distillation: ``(1 - alpha) * loss + alpha * T² * KL(teacher ‖ student)``.
-        accelerator: Lightning accelerator name (``"auto"``, ``"cpu"``, ``"gpu"``, ...).
-        progress: show Lightning's progress bar and model summary.
+        alpha: weight of distillation: (1 - alpha) * loss + alpha * term.
+        accelerator: Lightning accelerator (auto, cpu, gpu, ...); unset: the accelerator of the
+            Trainer the callback runs in, else auto.
+        progress: show Lightning's progress bar while a candidate is fine-tuned.
         limit_val_batches: fraction (float) or number (int) of validation batches per epoch.
+        trainer: more keyword arguments of the fine-tuning Trainer (precision, devices, logger,
+            callbacks, ...); they win over what the callback inherits from its own Trainer.
     """
 
     epochs: int | None = None
     max_steps: int = -1
     lr_scale: float = 0.1
-    distill: bool = True
+    distill: bool | DistillLoss = True
     temperature: float = 2.0
     alpha: float = 0.5
-    accelerator: str = "auto"
+    accelerator: str | None = None
     progress: bool = True
     limit_val_batches: float | int = 1.0
+    trainer: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs is not None:
-            _integer("epochs", self.epochs, low=1)
-        if not (_is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps >= 1)):
-            raise ValueError(f"max_steps must be -1 (no cap) or an integer of at least 1 "
-                             f"but got {self.max_steps!r}.")
-        _positive("lr_scale", self.lr_scale)
-        _positive("temperature", self.temperature)
-        if not (_is_real(self.alpha) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"alpha must be a number between 0 and 1 but got {self.alpha!r}.")
-        for name in ("distill", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False but got {getattr(self, name)!r}.")
-        if not (isinstance(self.accelerator, str) and self.accelerator):
-            raise ValueError(f"accelerator must be a non-empty string such as 'auto' but got {self.accelerator!r}.")
-        limit = self.limit_val_batches
-        if _is_int(limit):
-            _integer("limit_val_batches", limit, low=0)
-        elif not (isinstance(limit, float) and 0.0 <= limit <= 1.0):
-            raise ValueError("limit_val_batches must be a fraction between 0.0 and 1.0 or a number of batches "
-                             f"but got {limit!r}.")
+        check_int("epochs", self.epochs, low=1, optional=True)
+        if not (is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps >= 1)):
+            raise OptionError(f"max_steps must be -1 (no cap) or an integer of at least 1 but got {self.max_steps!r}.")
+        check_positive("lr_scale", self.lr_scale)
+        check_positive("temperature", self.temperature)
+        check_unit_interval("alpha", self.alpha)
+        check_distill(self.distill)
+        check_bool("progress", self.progress)
+        if self.accelerator is not None and not (isinstance(self.accelerator, str) and self.accelerator):
+            raise OptionError(f"accelerator must be a non-empty string such as 'auto' but got {self.accelerator!r}.")
+        if is_int(self.limit_val_batches):
+            check_int("limit_val_batches", self.limit_val_batches, low=0)
+        elif isinstance(self.limit_val_batches, float):
+            check_unit_interval("limit_val_batches", self.limit_val_batches)
+        else:
+            raise OptionError("limit_val_batches must be a fraction between 0.0 and 1.0 or a number of batches "
+                              f"but got {self.limit_val_batches!r}.")
+        if self.trainer is not None:
+            if not isinstance(self.trainer, Mapping) or not all(isinstance(key, str) for key in self.trainer):
+                raise OptionError(f"trainer must map Trainer argument names to values but got {self.trainer!r}.")
+            for key, field_name in _OWN_TRAINER_KEYS.items():
+                if key in self.trainer:
+                    raise ConflictError(format_problem(
+                        f"trainer sets {key!r}, which lrsearch sets itself", hint=(
+                            f"use the {field_name} option instead." if field_name else
+                            "leave it out: lrsearch chooses it for each candidate's fine-tune.")))
+            object.__setattr__(self, "trainer", dict(self.trainer))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Field by field; the Trainer arguments are copied, not deep-copied (they may hold a logger)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["trainer"] = None if self.trainer is None else dict(self.trainer)
+        return data
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# Trainer arguments that a FinetuneConfig field (or lrsearch itself, None) already sets.
+_OWN_TRAINER_KEYS = {"max_epochs": "epochs", "max_steps": "max_steps", "accelerator": "accelerator",
+                     "enable_progress_bar": "progress", "limit_val_batches": "limit_val_batches",
+                     "default_root_dir": None, "num_sanity_val_steps": None}
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def check_trainer_options(namespace: ModuleType, options: Mapping[str, Any] | None) -> None:
+    """Refuse names the Trainer of ``namespace`` does not take, before any work (not minutes into a run)."""
+    if options:
+        known = [name for name in inspect.signature(namespace.Trainer.__init__).parameters if name != "self"]
+        check_unknown("finetune.trainer", options, known)
 
 
-def _integer(name: str, value: object, *, low: int) -> None:
-    if not (_is_int(value) and value >= low):  # type: ignore[operator]
-        raise ValueError(f"{name} must be an integer of at least {low} but got {value!r}.")
+def parent_settings(trainer: Any) -> dict[str, Any]:
+    """What a fine-tune inherits from the Trainer it runs in: its device, precision and loggers.
 
-
-def _positive(name: str, value: object) -> None:
-    if not (_is_real(value) and value > 0):  # type: ignore[operator]
-        raise ValueError(f"{name} must be a positive finite number but got {value!r}.")
+    Only global rank zero fine-tunes, so a multi-device Trainer passes on the one device that
+    rank uses rather than its device count.
+    """
+    device = trainer.strategy.root_device
+    settings: dict[str, Any] = {"accelerator": device.type, "precision": trainer.precision,
+                                "devices": [device.index] if device.index is not None else 1}
+    if trainer.loggers:
+        settings["logger"] = list(trainer.loggers)
+    return settings
 
 
 def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path,
              config: FinetuneConfig = FinetuneConfig(), datamodule: Any = None,
              train_dataloaders: Any = None, val_dataloaders: Any = None,
-             forward: ForwardFn | None = None) -> ModuleT:
+             forward: ForwardFn | None = None, inherited: Mapping[str, Any] | None = None,
+             name: str | None = None) -> ModuleT:
     """Fine-tune ``module`` in place with a fresh Trainer and return it.
 
     ``module`` is the compressed copy the caller owns (see :func:`clone_module`); it is trained
@@ -136,13 +171,15 @@ def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path
     ``(1 - alpha) * loss + alpha * T² * KL(teacher ‖ student)`` on outputs softened by T. When
     the step calls ``self(...)`` exactly once and gets a tensor, that is the student's output and
     the teacher gets the same inputs (no extra forward pass); otherwise both models run
-    ``forward(model, batch)`` (default :func:`default_forward`), which must return logits.
+    ``forward(model, batch)`` (default :func:`default_forward`), which must return logits or features.
     ``teacher`` runs without gradients in eval mode; it is moved to the module's device for the
     fit and moved back, with its train/eval modes, afterwards.
 
-    No logger and no checkpoints: the fine-tune is one step of a pipeline that records its own
-    results, and a nested logger would write run folders into ``root_dir`` or take over a
-    global experiment run (W&B) of an outer Trainer.
+    The Trainer's arguments, later ones winning: lrsearch's (no logger, no checkpoints, one
+    device), then ``inherited`` (what :func:`parent_settings` reads off the Trainer a callback
+    runs in), then ``config.accelerator``, then ``config.trainer``. A logger object is wrapped so
+    that its metric names start with ``name/`` (``trial12/val_loss``), and the fine-tune neither
+    overwrites the run's hyperparameters nor closes it.
     """
     namespace = namespace_of(module)
     if not isinstance(config, FinetuneConfig):
@@ -151,17 +188,82 @@ def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path
     _check_data(namespace, module, datamodule, train_dataloaders, val_dataloaders)
     distiller = _Distiller(module, teacher, config, forward) if config.distill else None
     epochs = config.epochs or auto_epochs(_training_samples(module, datamodule, train_dataloaders))
-    trainer = namespace.Trainer(
-        default_root_dir=Path(root_dir), logger=False, enable_checkpointing=False, devices=1,
-        accelerator=config.accelerator, max_epochs=epochs, max_steps=config.max_steps,
-        enable_progress_bar=config.progress, enable_model_summary=config.progress,
-        num_sanity_val_steps=0, limit_val_batches=config.limit_val_batches,
-        callbacks=[_lr_scale_callback(namespace)(config.lr_scale)])
+    trainer = namespace.Trainer(**_trainer_arguments(namespace, config, root_dir=Path(root_dir), epochs=epochs,
+                                                     inherited=inherited or {}, name=name))
     with _restoring(module, teacher if distiller is not None else None), _distilling(module, distiller), \
             torch.inference_mode(False), torch.enable_grad():
         _fit(trainer, module, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders,
              datamodule=datamodule)
     return module
+
+
+def _trainer_arguments(namespace: ModuleType, config: FinetuneConfig, *, root_dir: Path, epochs: int,
+                       inherited: Mapping[str, Any], name: str | None) -> dict[str, Any]:
+    """The fine-tuning Trainer's keyword arguments (see :func:`finetune` for their order)."""
+    check_trainer_options(namespace, config.trainer)
+    arguments: dict[str, Any] = {
+        "logger": False, "enable_checkpointing": False, "devices": 1, "accelerator": "auto",
+        "enable_model_summary": False, **inherited,
+        "default_root_dir": root_dir, "max_epochs": epochs, "max_steps": config.max_steps,
+        "enable_progress_bar": config.progress, "num_sanity_val_steps": 0,
+        "limit_val_batches": config.limit_val_batches}
+    if config.accelerator is not None:
+        arguments["accelerator"] = config.accelerator
+    arguments.update(config.trainer or {})
+    own = [_lr_scale_callback(namespace)(config.lr_scale)]
+    given = arguments.get("callbacks") or []
+    arguments["callbacks"] = own + (list(given) if isinstance(given, (list, tuple)) else [given])
+    logger = arguments["logger"]
+    if name is not None and not isinstance(logger, bool) and logger is not None:
+        loggers = logger if isinstance(logger, (list, tuple)) else [logger]
+        arguments["logger"] = [_prefixed_logger(namespace)(inner, name) for inner in loggers]
+    return arguments
+
+
+@functools.cache
+def _prefixed_logger(namespace: ModuleType) -> type:
+    """A Logger class of ``namespace`` that forwards to another logger under a name prefix."""
+
+    class Prefixed(namespace.loggers.Logger):  # type: ignore[name-defined,misc]
+        """Metrics go to ``inner`` as ``prefix/name``; hyperparameters and the end of the fit stay the outer run's."""
+
+        def __init__(self, inner: Any, prefix: str) -> None:
+            super().__init__()
+            self.inner, self.prefix = inner, prefix
+
+        @property
+        def name(self) -> str | None:
+            return self.inner.name
+
+        @property
+        def version(self) -> Any:
+            return self.inner.version
+
+        @property
+        def save_dir(self) -> str | None:
+            return self.inner.save_dir
+
+        @property
+        def log_dir(self) -> str | None:
+            return getattr(self.inner, "log_dir", None)
+
+        @property
+        def experiment(self) -> Any:
+            return self.inner.experiment
+
+        def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+            self.inner.log_metrics({f"{self.prefix}/{key}": value for key, value in metrics.items()}, step)
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            """The outer run's hyperparameters are the user's; a fine-tune does not overwrite them."""
+
+        def save(self) -> None:
+            self.inner.save()
+
+        def finalize(self, status: str) -> None:
+            self.inner.save()  # the outer run goes on: do not close it
+
+    return Prefixed
 
 
 def auto_epochs(samples: int | None) -> int:

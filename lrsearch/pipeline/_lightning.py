@@ -10,15 +10,21 @@ already in ``sys.modules``.
 from __future__ import annotations
 
 import copy
+import os
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
-from lrsearch._errors import LrSearchError, format_problem
+from lrsearch._errors import LrSearchError, RecipeError, format_problem
+from lrsearch.core import CHECKPOINT_KEY, on_load_checkpoint
 
-__all__ = ["NAMESPACES", "NotALightningModuleError", "clone_module", "is_lightning_module", "namespace_of"]
+__all__ = ["NAMESPACES", "NotALightningModuleError", "clone_module", "is_lightning_module", "load_weights",
+           "namespace_of"]
 
 NAMESPACES: tuple[str, ...] = ("pytorch_lightning", "lightning.pytorch")
 
@@ -81,3 +87,32 @@ def clone_module(module: ModuleT) -> ModuleT:
         submodule._metric_attributes = None
         submodule._current_fx_name = None
     return clone
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Weights of a Lightning checkpoint (``state_dict`` key) or a plain state_dict file, loaded strictly.
+
+    A checkpoint lrsearch wrote for a compressed module restructures ``module`` first. Every
+    way the file can be unusable is a :class:`~lrsearch.RecipeError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
+                          else f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for unreadable files; all mean "cannot read"
+        first_line = str(error).splitlines()[0] if str(error) else repr(error)
+        raise RecipeError(f"cannot read the checkpoint {path}: it is truncated, corrupted or not written by "
+                          f"torch.save ({first_line})") from error
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RecipeError(f"{path} is neither a Lightning checkpoint nor a state_dict.")
+    if CHECKPOINT_KEY in checkpoint:
+        on_load_checkpoint(module, checkpoint)  # an already-compressed checkpoint: restructure first
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:400]
+        raise RecipeError(f"the checkpoint {path} does not fit {type(module).__qualname__}: {detail}") from error
+    module.eval()

@@ -16,65 +16,46 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import optuna
 from torch import nn
 
 from lrsearch._errors import LrSearchError, format_problem
-from lrsearch.core._runtime import ForwardFn
-from lrsearch.core._targets import Patterns
-from lrsearch.measure import parse_budget
-from lrsearch.pipeline._compress import AUTO, search_constraint
-from lrsearch.pipeline._data import calibration_batches, resolve_data
-from lrsearch.pipeline._metric import resolve_metric
-from lrsearch.study import SearchConfig, SearchResult, search
-from lrsearch.study._storage import open_storage, sqlite_url
-from lrsearch.study._study import ATTR
+from lrsearch.pipeline._console import run_console
+from lrsearch.pipeline._spec import RunSpec
+from lrsearch.study import SearchConfig, SearchResult
+from lrsearch.study._storage import StorageError, _file_of, open_storage, redacted
+from lrsearch.study._study import _COUNTED, ATTR
 
-__all__ = ["search_worker"]
+__all__ = ["check_study_exists", "counted_trials", "search_worker"]
 
 _logger = logging.getLogger("lrsearch")
 
 
-def search_worker(module: nn.Module, *, budget: str | float, run_dir: str | Path,
-                  search_budget: str | float | None = AUTO, datamodule: Any = None,
+def search_worker(module: nn.Module, spec: RunSpec | None = None, *, datamodule: Any = None,
                   train_dataloaders: Any = None, val_dataloaders: Any = None, test_dataloaders: Any = None,
-                  search_config: SearchConfig | None = None, select_fraction: float = 0.75,
-                  max_samples: int | None = 20_000, metric: Any = None,
-                  monitor: str | None = None, metric_name: str | None = None, batch_fn: Any = None, forward: ForwardFn | None = None,
-                  target_modules: Patterns = None, exclude_modules: Patterns = None,
-                  conv_scheme: str | Mapping[str, str] = "channel",
-                  show_progress_bar: bool = False, wait_seconds: float = 1800.0) -> SearchResult:
+                  wait_seconds: float = 1800.0, **options: Any) -> SearchResult:
     """Search ranks of ``module`` as :func:`compress` would, without fine-tuning or saving a model.
 
-    Takes the arguments of :func:`compress` that concern the search. Give every worker the
-    same ``search_config.storage`` and ``study_name`` and its own ``worker_index``. Worker 0
-    creates the study; with ``objective="latency"`` the others wait up to ``wait_seconds`` for
-    its latency table. Writes the latency table and ``search-result.json`` into
-    ``run_dir / "search"``, as ``compress`` does.
+    Takes the same spec and data as :func:`compress`. Give every worker the same
+    ``search.storage`` and ``study_name`` and its own ``worker_index``. Worker 0 creates the
+    study; with ``objective="latency"`` the others wait up to ``wait_seconds`` for its latency
+    table. Writes the latency table and ``search-result.json`` into ``RUN_DIR/search``, as
+    ``compress`` does.
     """
-    relative = (search_config or SearchConfig()).relative_budget
-    searched = search_constraint(parse_budget(budget, relative=relative), search_budget)
-    data = resolve_data(datamodule=datamodule, train_dataloaders=train_dataloaders,
-                        val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders,
-                        select_fraction=select_fraction, max_samples=max_samples)
-    metric, metric_name = resolve_metric(metric=metric, monitor=monitor, metric_name=metric_name)
-    config = replace(search_config or SearchConfig(), budget=searched, run_dir=str(Path(run_dir) / "search"))
-    if config.worker_index > 0 and config.objective == "latency":
-        _wait_for_latency_table(config, wait_seconds)
-    return search(module, data.search, config, calibration=calibration_batches(data.train, data.search),
-                  metric=metric, metric_name=metric_name, batch_fn=batch_fn, forward=forward,
-                  target_modules=target_modules, exclude_modules=exclude_modules, conv_scheme=conv_scheme,
-                  show_progress_bar=show_progress_bar)
+    run = RunSpec.build(spec, options).resolve()
+    with run_console(verbose=run.spec.verbose):
+        data = run.data(datamodule=datamodule, train_dataloaders=train_dataloaders,
+                        val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders)
+        if run.search.worker_index > 0 and run.search.objective == "latency":
+            _wait_for_latency_table(run.search, wait_seconds)
+        return run.run_search(module, data)
 
 
 def _wait_for_latency_table(config: SearchConfig, wait_seconds: float, *, poll_seconds: float = 1.0) -> None:
     """Block until worker 0 has stored the study's latency table (its search space)."""
-    url = config.storage or sqlite_url(Path(config.run_dir) / "study.db")
+    url = config.storage_url
     storage = open_storage(url, heartbeat_interval=None)
     deadline = time.monotonic() + wait_seconds
     announced = False
@@ -95,3 +76,26 @@ def _wait_for_latency_table(config: SearchConfig, wait_seconds: float, *, poll_s
                          config.worker_index, config.study_name)
             announced = True
         time.sleep(poll_seconds)
+
+
+def check_study_exists(storage_url: str) -> None:
+    """Reading a study must not create an empty journal or SQLite file by opening a mistyped path."""
+    path = _file_of(storage_url)
+    if path is not None and not path.is_file():
+        raise StorageError(f"no study file at {path} ({storage_url}).")
+
+
+def counted_trials(storage_url: str, study_name: str) -> int:
+    """The trials an existing study counts toward ``n_trials``: what ``finalize`` takes as its total."""
+    check_study_exists(storage_url)
+    storage = open_storage(storage_url, heartbeat_interval=None)
+    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+    if study_name not in names:
+        raise StorageError(format_problem(
+            f"No study {study_name!r} in {redacted(storage_url)}", given=f"studies {names}" if names else "no study",
+            hint="run lrsearch worker with this --storage and --study-name first, or fix the name."))
+    finished = len(optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False,
+                                                                                         states=_COUNTED))
+    if finished == 0:
+        raise StorageError(f"study {study_name!r} in {redacted(storage_url)} has no trials yet; run workers first.")
+    return finished

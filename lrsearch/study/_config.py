@@ -2,54 +2,76 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+from lrsearch._checks import (
+    OptionError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    check_unknown,
+    is_real,
+)
 from lrsearch.core._decomposition import METHODS
 from lrsearch.measure import REDUCTIONS, Budget, parse_budget
 from lrsearch.study._objective import OBJECTIVES
+from lrsearch.study._storage import sqlite_url
 
-__all__ = ["SAMPLERS", "SearchConfig"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_SEARCH_DIR", "SAMPLERS", "STUDY_FILE", "SearchConfig"]
 
 SAMPLERS = ("tpe", "gp", "random", "nsga2")
+DEFAULT_BUDGET = "0.5%"
+DEFAULT_SEARCH_DIR = "lrsearch-run"
+STUDY_FILE = "study.db"
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """Options of :func:`lrsearch.search`; unknown names are rejected, values checked by name.
+    """Options of a rank search (lrsearch.search, and the search step of a run); each is checked by name.
+
+    Inside a run (:func:`lrsearch.compress`, ``RankSearch``, ``lrsearch tune``) leave ``budget``
+    and ``run_dir`` unset: the run sets them from its own ``search_budget`` and ``run_dir``.
 
     Attributes:
-        budget: allowed accuracy drop, ``"0.5%"`` or ``0.005`` (see :func:`parse_budget`).
-        relative_budget: the budget is a fraction of the baseline instead of absolute.
-        objective: ``"latency"`` (measured per-layer table), ``"macs"`` or ``"params"``.
-        two_objectives: minimize (objective, drop) jointly and keep a Pareto front.
-        n_trials: total trials of the study, across resumes and workers.
-        timeout: seconds this process searches at most.
-        sampler: ``"tpe"`` (default), ``"gp"`` (needs scipy), ``"random"`` or ``"nsga2"``.
-        seed: base sampler seed; a worker uses ``seed + worker_index``.
-        storage: Optuna storage URL; default a SQLite file in ``run_dir``.
-        study_name: resuming uses the same name.
-        heartbeat_interval: seconds between a running trial's heartbeats on an RDB storage; a
-            trial silent for twice this long (its worker was killed) is failed and retried once
-            by the next worker. Journal files have no heartbeats (see ``fail_stale_trials``).
-        run_dir: folder for the study database, the latency table and results.
-        method: ``"whitened"`` or ``"svd"`` decomposition.
+        budget: allowed drop of the metric before fine-tuning, "0.5%" or 0.005; unset: 0.5% (a
+            run sets it from its search_budget).
+        relative_budget: budgets are fractions of the baseline metric instead of absolute drops.
+        objective: what the search minimizes: latency (a per-layer table measured on this
+            device), macs or params.
+        two_objectives: minimize cost and drop jointly and keep a Pareto front.
+        n_trials: trials of the study in total, across resumes and workers.
+        timeout: seconds this process searches at most; unset: no limit.
+        sampler: Optuna sampler: tpe, gp (needs scipy), random or nsga2.
+        seed: sampler seed; a worker uses seed + worker_index.
+        worker_index: this worker's index among workers sharing one study, so their samplers differ.
+        storage: Optuna storage URL (sqlite:///PATH, postgresql://..., journal:PATH); unset: a
+            SQLite file study.db in run_dir.
+        study_name: the same name on the same storage resumes the study.
+        heartbeat_interval: seconds between a running trial's heartbeats on an RDB storage; a trial
+            silent for twice this long (its worker was killed) is failed and retried once.
+        run_dir: folder of the study, the latency table and search-result.json; unset:
+            lrsearch-run (a run uses RUN_DIR/search).
+        method: decomposition: whitened (activation-whitened SVD) or svd.
         multiple: candidate ranks are multiples of this (8 suits AVX2 and tensor cores).
-        device: where latency is measured (``"cpu"``, ``"cuda"``, ...).
-        threads: CPU threads for latency measurement; default torch's current setting.
-        batch_size: deployment batch size for latency, or several (e.g. ``[1, 256]``): each gets
-            its own latency table; default the first batch's size.
-        batch_weights: with several batch sizes, the weight of each in the objective (default equal).
-        latency_reduce: with several batch sizes, the objective is the weighted ``"mean"`` of the
-            relative latencies (compressed / dense at each size) or their worst case, ``"max"``.
-        warm_start: enqueue analytic allocations before sampling.
-        early_abort: stop evaluating a trial once it cannot meet the budget.
-        higher_is_better: the metric improves upward (accuracy); False for a loss.
-        latency_min_run_time, latency_repeats: measurement effort per table entry.
+        device: where latency is measured (cpu, cuda, ...).
+        threads: CPU threads for latency measurement; unset: torch's current setting.
+        batch_size: deployment batch size of the latency table, or several (e.g. [1, 256]), one
+            table each; unset: the size of the first search batch.
+        batch_weights: with several batch sizes, the weight of each in the objective; unset: equal.
+        latency_reduce: with several batch sizes, the objective is the weighted mean of the
+            relative latencies (compressed / dense at each size) or their worst case, max.
+        warm_start: enqueue analytic allocations (greedy, energy, uniform) before sampling.
+        early_abort: stop scoring a trial once it cannot meet the budget.
+        higher_is_better: the metric improves upward, like accuracy; false for a loss.
+        latency_min_run_time: seconds of timing per latency-table entry and repeat.
+        latency_repeats: timing repeats per latency-table entry; the minimum counts.
     """
 
-    budget: str | float | Budget = "0.5%"
+    budget: str | float | None = None
     relative_budget: bool = False
     objective: str = "latency"
     two_objectives: bool = False
@@ -61,7 +83,7 @@ class SearchConfig:
     storage: str | None = None
     study_name: str = "lrsearch"
     heartbeat_interval: int = 60
-    run_dir: str = "lrsearch-run"
+    run_dir: str | None = None
     method: str = "whitened"
     multiple: int = 8
     device: str = "cpu"
@@ -74,41 +96,42 @@ class SearchConfig:
     higher_is_better: bool = True
     latency_min_run_time: float = 0.05
     latency_repeats: int = 5
+    constraint: Budget = field(init=False, repr=False, compare=False)
+    """The parsed ``budget`` (parsed here once; everything below reads this)."""
 
     def __post_init__(self) -> None:
-        parse_budget(self.budget, relative=self.relative_budget)
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("method", self.method, METHODS)
+        if isinstance(self.run_dir, os.PathLike):
+            object.__setattr__(self, "run_dir", os.fspath(self.run_dir))
+        for name in ("relative_budget", "two_objectives", "warm_start", "early_abort", "higher_is_better"):
+            check_bool(name, getattr(self, name))
+        budget = DEFAULT_BUDGET if self.budget is None else self.budget
+        object.__setattr__(self, "constraint", parse_budget(budget, relative=self.relative_budget))
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("method", self.method, METHODS)
+        check_choice("latency_reduce", self.latency_reduce, REDUCTIONS)
         for name in ("n_trials", "multiple", "latency_repeats", "heartbeat_interval"):
-            _at_least(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), low=1)
         for name in ("seed", "worker_index"):
-            _at_least(name, getattr(self, name), 0)
-        if self.threads is not None:
-            _at_least("threads", self.threads, 1)
+            check_int(name, getattr(self, name), low=0)
+        check_int("threads", self.threads, low=1, optional=True)
+        check_positive("timeout", self.timeout, optional=True)
+        check_positive("latency_min_run_time", self.latency_min_run_time)
         if self.batch_size is not None:
             sizes = (self.batch_size,) if isinstance(self.batch_size, int) else tuple(self.batch_size)
             for size in sizes:
-                _at_least("batch_size", size, 1)
+                check_int("batch_size", size, low=1)
             if not sizes or len(set(sizes)) != len(sizes):
-                raise ValueError(f"batch_size must be one size or distinct sizes but got {self.batch_size!r}.")
+                raise OptionError(f"batch_size must be one size or distinct sizes but got {self.batch_size!r}.")
             object.__setattr__(self, "batch_size", sizes[0] if len(sizes) == 1 else sizes)
         if self.batch_weights is not None:
             weights = tuple(self.batch_weights)
-            if len(weights) != len(self.batch_sizes) or not all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
-                    for w in weights):
-                raise ValueError(f"batch_weights must be one positive weight per batch size {list(self.batch_sizes)} "
-                                 f"but got {self.batch_weights!r}.")
+            if len(weights) != len(self.batch_sizes) or not all(is_real(w) and w > 0 for w in weights):
+                raise OptionError(f"batch_weights must be one positive weight per batch size "
+                                  f"{list(self.batch_sizes)} but got {self.batch_weights!r}.")
             object.__setattr__(self, "batch_weights", weights)
-        _choice("latency_reduce", self.latency_reduce, REDUCTIONS)
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None but got {self.timeout!r}.")
-        if not (isinstance(self.latency_min_run_time, (int, float)) and math.isfinite(self.latency_min_run_time)
-                and self.latency_min_run_time > 0):
-            raise ValueError(f"latency_min_run_time must be positive but got {self.latency_min_run_time!r}.")
         if not self.study_name:
-            raise ValueError("study_name must not be empty.")
+            raise OptionError("study_name must not be empty.")
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -117,25 +140,27 @@ class SearchConfig:
             return ()
         return (self.batch_size,) if isinstance(self.batch_size, int) else tuple(self.batch_size)
 
+    @property
+    def folder(self) -> Path:
+        """Where the study file, the latency table and the search result go."""
+        return Path(DEFAULT_SEARCH_DIR if self.run_dir is None else self.run_dir)
+
+    @property
+    def storage_url(self) -> str:
+        """The study's storage: ``storage``, or the SQLite file in :attr:`folder` (the one place it is made)."""
+        return self.storage or sqlite_url(self.folder / STUDY_FILE)
+
+    def drop(self, baseline: float, value: float) -> float:
+        """How much ``value`` is worse than ``baseline``: a positive drop loses, whichever way the metric runs."""
+        return (baseline - value) if self.higher_is_better else (value - baseline)
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["budget"] = str(self.budget) if isinstance(self.budget, Budget) else self.budget
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if self.budget is not None:  # as a percentage, so that from_dict reads it back without a warning
+            data["budget"] = f"{self.constraint.drop * 100!r}%"
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TypeError(f"unknown search option(s) {unknown}; known options are {sorted(known)}.")
+        check_unknown("search", data, (f.name for f in fields(cls) if f.init))
         return cls(**data)
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)} but got {value!r}.")
-
-
-def _at_least(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer of at least {low} but got {value!r}.")

@@ -36,7 +36,6 @@ from lrsearch.measure import (
     Evaluator,
     LatencyTable,
     build_latency_table,
-    parse_budget,
 )
 from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
@@ -44,14 +43,8 @@ from lrsearch.study._fingerprint import check_same_model
 from lrsearch.study._io_failures import storage_failures
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
 from lrsearch.study._space import SearchSpace
-from lrsearch.study._storage import (
-    check_file_storage,
-    is_file_storage,
-    open_storage,
-    redacted,
-    sqlite_url,
-    storage_lock,
-)
+from lrsearch.study._progress import SearchProgress
+from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, storage_lock
 from lrsearch.study._stored_table import store_latency_table, stored_latency_table
 from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
 from lrsearch.study._zombies import StopWhenFull, counted_trials, reaping, record_owner
@@ -165,9 +158,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         config = replace(config or SearchConfig(), **options)
     except TypeError as error:
         raise TypeError(f"{error}; valid options are the fields of lrsearch.SearchConfig.") from error
-    budget = parse_budget(config.budget, relative=config.relative_budget)
-    run_dir = Path(config.run_dir)
-    storage_url = config.storage or sqlite_url(run_dir / "study.db")
+    budget, run_dir, storage_url = config.constraint, config.folder, config.storage_url
     # A server first, so an unreachable one fails in seconds, before any evaluation. A file only once
     # the data and the model's layers are checked, so that bad input leaves no study file behind.
     storage = None
@@ -217,9 +208,10 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                               allowed_drop=allowed, costs=costs, objective=config.objective,
                               two_objectives=config.two_objectives, higher_is_better=config.higher_is_better,
                               early_abort=config.early_abort)
-        with reaping(storage_url, study) as reaper:
+        with reaping(storage_url, study) as reaper, SearchProgress(
+                study, n_trials=config.n_trials, objective=config.objective, enabled=show_progress_bar) as progress:
             _run_trials(study, objective, config, space=space, bisection=bisection,
-                        callbacks=[*callbacks, reaper], show_progress_bar=show_progress_bar)
+                        callbacks=[*callbacks, reaper, progress])
         pareto = _feasible_pareto(study, config.objective)
         best = pareto[0] if pareto else None
         publish_plots(study, objective=config.objective, metric=metric_name or baseline.metric_name,
@@ -248,7 +240,7 @@ def _space(decomposition: Decomposition, config: SearchConfig, table: Deployment
 
 
 def _run_trials(study: optuna.Study, objective: Objective, config: SearchConfig, *, space: SearchSpace,
-                bisection: GreedyBisection | None, callbacks: Sequence[Any], show_progress_bar: bool) -> None:
+                bisection: GreedyBisection | None, callbacks: Sequence[Any]) -> None:
     """Run the trials the study still lacks; Ctrl-C ends them cleanly (see :class:`_CtrlC`).
 
     With a ``bisection``, the enqueued warm starts run first, then the bisection's probes one at a
@@ -270,8 +262,7 @@ def _run_trials(study: optuna.Study, objective: Objective, config: SearchConfig,
         study.optimize(ctrl_c, n_trials=min(n_trials, left), timeout=timeout,
                        callbacks=[StopWhenFull(config.n_trials), *callbacks,
                                   ctrl_c.stop_if_requested, lambda _study, trial: ran.append(trial)],
-                       catch=(RuntimeError, FloatingPointError, EvaluationError),
-                       show_progress_bar=show_progress_bar)
+                       catch=(RuntimeError, FloatingPointError, EvaluationError))
         return not ctrl_c.requested
 
     with _no_traceback_for_interrupts(), ctrl_c.handling():

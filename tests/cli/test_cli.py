@@ -23,28 +23,33 @@ import yaml
 
 import lrsearch
 from lrsearch import cli
+from tests.cli._bars import search_bars
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--search.n_trials", "4", "--search.threads", "1", "--search.latency_min_run_time", "0.005",
         "--search.latency_repeats", "1", "--finetune.epochs", "1", "--finetune.progress", "false"]
 
 
-def _env() -> dict[str, str]:
+def _env(*, warnings: str = "ignore") -> dict[str, str]:
     # One torch thread per process: on a small shared CI machine, torch's spinning worker threads
     # otherwise multiply the CPU time of every subprocess (4x measured on 2 busy cores).
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "PYTHONWARNINGS": warnings, "OMP_NUM_THREADS": "1"}
+    if not warnings:
+        environment.pop("PYTHONWARNINGS")
+    return environment
 
 
-def _run(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lrsearch", *args], cwd=cwd, env=_env(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def _run(*args: str, cwd: Path = ROOT, timeout: float = 300, warnings: str = "ignore") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lrsearch", *args], cwd=cwd, env=_env(warnings=warnings),
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """The default job (built-in pretrained MNIST-1D MLP, latency objective) at a tiny size."""
+    """The default job (built-in pretrained MNIST-1D MLP, latency objective) at a tiny size, with
+    Python's default warning filters, as a user runs it."""
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    result = _run("tune", "--budget", "5%", "--run_dir", str(run_dir), *TINY)
+    result = _run("tune", "--budget", "5%", "--run_dir", str(run_dir), *TINY, warnings="")
     return result, run_dir
 
 
@@ -60,12 +65,22 @@ def test_tune_default_runs_end_to_end(tuned) -> None:
     # The summary: both columns, the measured speedup, and where everything went.
     out = result.stdout
     assert "MEETS THE BUDGET 5%" in out
-    for text in ("original", "compressed", "parameters", "MACs per sample", "x faster", "accuracy on test",
+    for text in ("original", "compressed", "parameters", "MACs per sample", "x faster", "accuracy (test split)",
                  str(run_dir / "compressed.ckpt"), str(run_dir / "report.html"), "lrsearch dashboard"):
         assert text in out, text
     assert f"{report['dense']['params']:,}" in out and f"{report['final']['params']:,}" in out
     low, high = report["final"]["verify_drop_interval"]
     assert f"[95 %: {100 * low:.2f} to {100 * high:.2f}]" in out
+
+
+def test_tune_shows_one_search_bar_and_no_warnings_of_its_own(tuned) -> None:
+    result, _ = tuned
+    bars = search_bars(result.stderr)
+    assert len(bars) == 1 and bars[0][-1] == (4, 4), bars  # one bar over the 4 trials, to the end
+    assert " ms (trial " in result.stderr  # the best feasible cost, with its unit
+    assert "fine-tuning trial " in result.stderr  # which candidate is being fine-tuned
+    assert "warning" not in result.stderr.lower(), result.stderr[-3000:]
+    assert "Trial 0 finished" not in result.stderr  # no per-trial log lines of Optuna
 
 
 def test_report_rebuilds_the_html(tuned, capsys) -> None:
@@ -200,13 +215,14 @@ def test_print_config_prints_the_merged_yaml(capsys) -> None:
     assert set(config["finetune"]) >= {"epochs", "max_steps", "lr_scale", "distill", "temperature", "alpha"}
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
-def test_every_shipped_config_parses(name: str) -> None:
-    """In-process: parse each config (no instantiation, so no pretraining or database)."""
-    parser, _ = cli._build_parser()
-    args = parser.parse_args(["tune", "--config", str(ROOT / "configs" / f"{name}.yaml")])
+@pytest.mark.parametrize("name", sorted(p.stem for p in cli.CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_parses_and_builds_its_spec(name: str) -> None:
+    """In-process: parse each config by name (no instantiation, so no pretraining or database)."""
+    parser, _ = cli._parser("tune")
+    args = parser.parse_args(cli.prepared(["tune", "--config", name]))
     assert args.tune.model.class_path.startswith("lrsearch.demo.")
-    lrsearch.parse_budget(args.tune.budget)
+    spec = cli._spec_of("tune", args.tune)
+    assert spec.allowed == lrsearch.parse_budget(args.tune.budget)
 
 
 def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, capsys) -> None:
@@ -218,8 +234,8 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
               "attempts": [{"trial": 3, "select_drop": 0.02}], "paths": {"study": "sqlite:///x.db"}}
     calls: dict[str, Any] = {}
 
-    def fake_compress(module, **kwargs):
-        calls.update(kwargs)
+    def fake_compress(module, spec, **kwargs):
+        calls.update(kwargs, spec=spec)
         return lrsearch.CompressionResult(meets_budget=False, model=None, candidate=None, report=report,
                                           paths={"report": tmp_path / "report.json"}, search=None)
 
@@ -228,10 +244,13 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
                        "--search.objective", "macs", "--finetune.distill", "false"])
     out = capsys.readouterr().out
     assert status == 1
-    assert "DOES NOT MEET THE BUDGET 0.5%" in out and "trial 3 drop 2.00 points" in out and "HINT" in out
-    assert calls["search_budget"] == "2%" and calls["max_finetunes"] == 2 and calls["budget"] == "0.5%"
-    assert calls["search_config"].objective == "macs" and calls["search_config"].threads == 1
-    assert calls["finetune_config"].distill is False and calls["finetune_config"].epochs is None
+    assert "DOES NOT MEET THE BUDGET 0.5%" in out and "tried after fine-tuning: trial 3" in out and "HINT" in out
+    spec = calls["spec"]
+    assert spec.search_budget == "2%" and spec.max_finetunes == 2 and str(spec.allowed) == "0.5%"
+    assert str(spec.constraint) == "2%" and spec.run_dir == str(tmp_path / "run")
+    # The Python defaults, not copies of them that could drift: threads None is torch's setting.
+    assert spec.search == lrsearch.SearchConfig(objective="macs")
+    assert spec.finetune == lrsearch.FinetuneConfig(distill=False)
 
 
 def test_a_failed_trial_is_one_line_without_its_traceback(capfd: pytest.CaptureFixture[str]) -> None:
@@ -239,8 +258,10 @@ def test_a_failed_trial_is_one_line_without_its_traceback(capfd: pytest.CaptureF
 
     import optuna
 
+    from lrsearch.pipeline._console import run_console
+
     optuna.logging.get_logger("optuna")  # the library handler exists before the command starts
-    with cli._lrsearch_logs_on_stderr():
+    with run_console(verbose=False):
         try:
             raise RuntimeError("candidate exploded")
         except RuntimeError as error:

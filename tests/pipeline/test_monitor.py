@@ -102,9 +102,9 @@ def test_a_logged_loss_counts_an_increase_as_the_drop(tmp_path: Path) -> None:
     _trainer(tmp_path).fit(module, datamodule=Data())
     result = lrsearch.compress(module, budget=0.05, run_dir=tmp_path / "lrs", datamodule=Data(), monitor="val_loss",
                                forward=_logits,
-                               search_config=lrsearch.SearchConfig(n_trials=6, objective="macs", seed=1,
+                               search=lrsearch.SearchConfig(n_trials=6, objective="macs", seed=1,
                                                                    higher_is_better=False),
-                               finetune_config=lrsearch.FinetuneConfig(epochs=1, progress=False, accelerator="cpu"))
+                               finetune=lrsearch.FinetuneConfig(epochs=1, progress=False, accelerator="cpu"))
     report = result.report
     assert report["metric"] == "val_loss"
     base = _validate(tmp_path, module, "val_loss")

@@ -85,7 +85,8 @@ def _inputs(folder: Path, checkpoint: Path) -> dict[str, str]:
                                   f"data:\n  class_path: {LIT}.TinyData\n"),
         "broken_yaml": "model: [unclosed\n",
         "bad_budget_yaml": "budget: abc\n",
-        "bad_n_trials_yaml": "search:\n  n_trials: 0\n",
+        # TINY's flags come after the config and win, so the bad value is one they do not set
+        "bad_repeats_yaml": "search:\n  latency_repeats: 0\n",
     }
     paths = {"tmp": str(folder), "run": str(folder / "run")}
     for name, content in files.items():
@@ -101,13 +102,13 @@ def _inputs(folder: Path, checkpoint: Path) -> dict[str, str]:
 # Every case exits with status 2 and one line on stderr that contains the fragment.
 CLI_CASES: list[Any] = [
     # budgets
-    pytest.param(["--budget", "-1%"], "--budget: The budget is negative", id="budget negative percent"),
-    pytest.param(["--budget", "-0.01"], "--budget: The budget is negative", id="budget negative fraction"),
-    pytest.param(["--budget", "nan"], "--budget: The budget is not finite", id="budget NaN"),
-    pytest.param(["--budget", "100%"], "--budget: The budget is 100% or more", id="budget 100%"),
-    pytest.param(["--budget", "abc"], "--budget: The budget is not a number", id="budget abc"),
-    pytest.param(["--budget", ""], "--budget: The budget is empty", id="budget empty"),
-    pytest.param(["--search_budget", "-2%"], "--search_budget: The budget is negative", id="search budget negative"),
+    pytest.param(["--budget", "-1%"], "budget: The budget is negative", id="budget negative percent"),
+    pytest.param(["--budget", "-0.01"], "budget: The budget is negative", id="budget negative fraction"),
+    pytest.param(["--budget", "nan"], "budget: The budget is not finite", id="budget NaN"),
+    pytest.param(["--budget", "100%"], "budget: The budget is 100% or more", id="budget 100%"),
+    pytest.param(["--budget", "abc"], "budget: The budget is not a number", id="budget abc"),
+    pytest.param(["--budget", ""], "budget: The budget is empty", id="budget empty"),
+    pytest.param(["--search_budget", "-2%"], "search_budget: The budget is negative", id="search budget negative"),
     pytest.param(["--config", "{bad_budget_yaml}"], "budget: The budget is not a number", id="budget abc in config"),
     # checkpoints
     pytest.param([*MODEL, "--ckpt_path", "{tmp}/missing.ckpt"], "checkpoint not found", id="checkpoint missing"),
@@ -122,18 +123,20 @@ CLI_CASES: list[Any] = [
                  id="checkpoint holds no state_dict"),
     # configs
     pytest.param(["--config", "{tmp}/missing.yaml"], "file not found", id="config missing"),
-    pytest.param(["--config", "{unknown_key_yaml}"], "does not accept option 'bogus'", id="config unknown key"),
-    pytest.param(["--config", "{unknown_search_key_yaml}"], "search.n_trialz", id="config unknown search key"),
+    pytest.param(["--config", "{unknown_key_yaml}"], "'bogus' is not an option", id="config unknown key"),
+    pytest.param(["--config", "{unknown_search_key_yaml}"], ("search.n_trialz", "did you mean 'search.n_trials'"), id="config unknown search key"),
     pytest.param(["--config", "{unknown_module_yaml}"], "No module named 'no_such_module'",
                  id="config unknown module"),
     pytest.param(["--config", "{unknown_class_yaml}"], "has no attribute 'NoSuchModel'", id="config unknown class"),
     pytest.param(["--config", "{unknown_init_arg_yaml}"], "'hiddn' is not accepted", id="config unknown init arg"),
-    pytest.param(["--config", "{broken_yaml}"], "Problems parsing config", id="config not YAML"),
-    pytest.param(["--config", "{bad_n_trials_yaml}"], "search.n_trials: must be at least 1", id="config n_trials 0"),
+    pytest.param(["--config", "{broken_yaml}"], ("not valid YAML", "broken.yaml, line 2"), id="config not YAML"),
+    pytest.param(["--config", "{bad_repeats_yaml}"], "search.latency_repeats must be an integer of at least 1",
+                 id="config latency_repeats 0"),
     pytest.param(["--bogus", "1"], "unrecognized arguments: --bogus", id="unknown flag"),
+    pytest.param(["--search.n_trails", "3"], "did you mean '--search.n_trials'", id="flag typo"),
     # model and data
     pytest.param(["--model", f"{LIT}.NoLinearClassifier", "--data", f"{LIT}.TinyData"],
-                 "has no Linear or Conv2d layer to factorize", id="no factorizable layer"),
+                 "has no layer lrsearch can factorize", id="no factorizable layer"),
     pytest.param(["--model", f"{LIT}.TinyClassifier", "--data", f"{LIT}.NoValidationData"],
                  "needs validation data", id="no validation data"),
     pytest.param([*MODEL, "--data.empty_val", "true"], "validation dataloader is empty", id="empty validation data"),
@@ -230,10 +233,10 @@ API_CASES: list[Any] = [
                    id=f"{entry} budget {name}")
       for entry in ENTRY_POINTS for name, (value, fragment) in BUDGETS.items()),
     pytest.param(lambda api: lrsearch.search(NoLinearClassifier(), api.val(), run_dir=api.run, objective="macs"),
-                 lrsearch.NoMatchingModuleError, "has no Linear or Conv2d layer", id="search no factorizable layer"),
+                 lrsearch.NoMatchingModuleError, "has no layer lrsearch can factorize", id="search no factorizable layer"),
     pytest.param(lambda api: lrsearch.compress(NoLinearClassifier(), budget="1%", run_dir=api.run,
                                                datamodule=TinyData()),
-                 lrsearch.NoMatchingModuleError, "has no Linear or Conv2d layer", id="compress no factorizable layer"),
+                 lrsearch.NoMatchingModuleError, "has no layer lrsearch can factorize", id="compress no factorizable layer"),
     pytest.param(lambda api: lrsearch.compress(api.module, budget="1%", run_dir=api.run, datamodule=NoValidationData()),
                  DataError, "needs validation data", id="compress no validation data"),
     pytest.param(lambda api: lrsearch.compress(api.module, budget="1%", run_dir=api.run,

@@ -157,8 +157,8 @@ def test_ctrl_c_while_the_result_is_saved_waits_until_every_file_is_written(tiny
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupted, match="re-run the same command to resume"):
         lrsearch.compress(module, budget="10%", run_dir=run_dir, datamodule=TinyData(),
-                          search_config=SearchConfig(objective="macs", n_trials=4),
-                          finetune_config=FinetuneConfig(epochs=1, progress=False, accelerator="cpu"))
+                          search=SearchConfig(objective="macs", n_trials=4),
+                          finetune=FinetuneConfig(epochs=1, progress=False, accelerator="cpu"))
     for name in ("compressed.ckpt", "report.json", "report.html"):
         assert (run_dir / name).is_file(), name
     assert lrsearch.get_recipe(lrsearch.load(run_dir / "model", TinyClassifier()))["layers"]
@@ -175,7 +175,7 @@ MODEL = ["--model", "tests.reliability._lit.TinyClassifier", "--data", "tests.re
 def _tune(folder: Path, *flags: str) -> list[str]:
     """``lrsearch tune`` arguments on the tiny module and a copy of its checkpoint in ``folder``."""
     return ["tune", *MODEL, "--ckpt_path", str(folder / "tiny.ckpt"), "--run_dir", str(folder / "run"),
-            "--budget", "5%", "--search.n_trials", "4", "--finetune.progress", "false", *flags]
+            "--budget", "5%", "--search.n_trials", "4", "--search.threads", "1", "--finetune.progress", "false", *flags]
 
 
 def _interrupt(folder: Path, argv: list[str], started: Callable[[], bool]) -> tuple[int, str]:

@@ -1,0 +1,73 @@
+"""The callback path as a user sees it: one search bar, no warnings of lrsearch's own Optuna calls,
+the budget read once, and each candidate's fine-tune logged to the user's own logger under its trial.
+
+One real ``Trainer.fit`` with ``RankSearch`` (tiny module, MACs objective), shared by the tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from optuna.exceptions import ExperimentalWarning
+from pytorch_lightning.loggers import CSVLogger
+
+import lrsearch
+from tests.cli._bars import search_bars
+from tests.reliability._lit import TinyClassifier, TinyData
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("output")
+    capture = pytest.MonkeyPatch()
+    torch.manual_seed(0)
+    logger = CSVLogger(root / "logs", name="fit")
+    err = io.StringIO()
+    capture.setattr(sys, "stderr", err)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # 0.2 is a plain fraction above 0.1: parse_budget warns about it, once per parse.
+            callback = lrsearch.RankSearch(0.2, run_dir=root / "lrs", search={"n_trials": 6, "objective": "macs"},
+                                           finetune={"epochs": 1, "progress": False}, max_finetunes=2)
+            trainer = pl.Trainer(max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                                 enable_checkpointing=False, default_root_dir=root, accelerator="cpu",
+                                 callbacks=[callback])
+            trainer.fit(TinyClassifier(), datamodule=TinyData())
+    finally:
+        capture.undo()
+    return {"callback": callback, "stderr": err.getvalue(), "warnings": caught, "logger": logger}
+
+
+def test_one_search_bar_with_the_best_cost_and_its_unit(fitted) -> None:
+    bars = search_bars(fitted["stderr"])
+    assert len(bars) == 1 and bars[0][-1] == (6, 6), bars
+    assert " MACs (trial " in fitted["stderr"]
+
+
+def test_no_warning_from_lrsearchs_own_optuna_calls_and_the_budget_read_once(fitted) -> None:
+    caught = fitted["warnings"]
+    assert not [w for w in caught if issubclass(w.category, ExperimentalWarning)]
+    assert not [w for w in caught if "optuna" in w.filename.replace("\\", "/").split("/")]
+    assert len([w for w in caught if "budget 0.2 is a fraction" in str(w.message)]) == 1
+
+
+def test_each_fine_tune_logs_to_the_trainers_logger_under_its_trial(fitted) -> None:
+    result = fitted["callback"].result
+    trials = {attempt["trial"] for attempt in result.report["attempts"]}
+    assert trials
+    metrics = Path(fitted["logger"].log_dir) / "metrics.csv"
+    with metrics.open() as handle:
+        columns = set(next(csv.reader(handle)))
+    assert {f"trial{trial}/val_acc" for trial in trials} <= columns, columns
+    assert "val_acc" in columns  # the user's own run is still there
