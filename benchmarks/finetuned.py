@@ -167,9 +167,9 @@ def run_model(arch: str, *, budget: str, threads: int, quick: bool, epochs: int 
         started = time.perf_counter()
         result = lrsearch.compress(module, budget=budget, run_dir=run_dir, train_dataloaders=data["train"],
                                    val_dataloaders=data["val"], test_dataloaders=data["test"],
-                                   search_config=lrsearch.SearchConfig(threads=threads, seed=0,
+                                   search=lrsearch.SearchConfig(threads=threads, seed=0,
                                                                        n_trials=30 if quick else 100),
-                                   finetune_config=config)
+                                   finetune=config)
         seconds = time.perf_counter() - started
     selected = next((a for a in result.report["attempts"] if a["trial"] == (result.report.get("final") or {})
                      .get("trial")), None)

@@ -45,8 +45,8 @@ def main() -> None:
         started = time.perf_counter()
         result = lrsearch.compress(
             module, budget=args.budget, search_budget=args.search_budget, run_dir=run_dir, datamodule=datamodule,
-            search_config=SearchConfig(n_trials=trials, threads=args.threads, batch_size=256, seed=0),
-            finetune_config=FinetuneConfig(epochs=epochs, lr_scale=args.lr_scale, progress=False, accelerator="cpu"),
+            search=SearchConfig(n_trials=trials, threads=args.threads, batch_size=256, seed=0),
+            finetune=FinetuneConfig(epochs=epochs, lr_scale=args.lr_scale, progress=False, accelerator="cpu"),
             max_candidates=args.candidates)
         seconds = time.perf_counter() - started
     report = result.report

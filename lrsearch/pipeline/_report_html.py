@@ -210,8 +210,8 @@ def _attempts_section(r: Report) -> str:
              {True: "yes", False: "no"}.get(a.meets_budget, MISSING),
              f"<code>{_e(ranks_text(a.ranks, r.layers))}</code>")
             for index, a in enumerate(r.attempts)]
-    return _table(["#", "Trial", "Drop (search)", "Drop (verify)", "95 % interval (verify)", "Within budget",
-                   "Ranks"], rows)
+    return _table(["#", "Trial", "Drop (search, before fine-tuning)", "Drop (selection split)",
+                   "95 % interval (selection split)", "Held", "Ranks"], rows)
 
 
 def _paths_section(r: Report) -> str:

@@ -83,8 +83,10 @@ class Attempt:
         ranks = data.get("ranks")
         held = data.get("meets_budget")
         return cls(trial=_integer(data.get("trial")), ranks=ranks if isinstance(ranks, Mapping) else {},
-                   search_drop=_number(data.get("search_drop")), verify_drop=_number(data.get("verify_drop")),
-                   interval=_interval_of(data.get("verify_drop_interval")),
+                   search_drop=_number(data.get("search_drop")),
+                   # The final model's drop is its test verdict; a fine-tuned attempt's is its selection score.
+                   verify_drop=_number(data.get("verify_drop", data.get("select_drop"))),
+                   interval=_interval_of(data.get("verify_drop_interval", data.get("select_drop_interval"))),
                    meets_budget=held if isinstance(held, bool) else None)
 
 

@@ -44,7 +44,8 @@ def render_text(report: Mapping[str, Any], *, run_dir: str | os.PathLike[str] | 
     verify_note = f"allowed drop {points(r.allowed_drop)}"
     if final:
         attempt = final.attempt
-        interval = f" [95 %: {interval_text(attempt.interval).removesuffix(' points')}]" if attempt.interval else ""
+        interval = (f" [95 % interval of the drop: {interval_text(attempt.interval).removesuffix(' points')}]"
+                    if attempt.interval else "")
         verify_note = f"{drop_note(attempt.verify_drop)}{interval} (allowed {points(r.allowed_drop)})"
     batch = f"batch {plain(r.batch_size)}" + (f", {r.threads} thread{'s' if r.threads != 1 else ''}"
                                                if r.threads else "")

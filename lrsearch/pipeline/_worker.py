@@ -25,7 +25,7 @@ from lrsearch._errors import LrSearchError, format_problem
 from lrsearch.pipeline._console import run_console
 from lrsearch.pipeline._spec import RunSpec
 from lrsearch.study import SearchConfig, SearchResult
-from lrsearch.study._storage import StorageError, _file_of, open_storage, redacted
+from lrsearch.study._storage import StorageError, open_storage, redacted, storage_file
 from lrsearch.study._study import _COUNTED, ATTR
 
 __all__ = ["check_study_exists", "counted_trials", "search_worker"]
@@ -80,7 +80,7 @@ def _wait_for_latency_table(config: SearchConfig, wait_seconds: float, *, poll_s
 
 def check_study_exists(storage_url: str) -> None:
     """Reading a study must not create an empty journal or SQLite file by opening a mistyped path."""
-    path = _file_of(storage_url)
+    path = storage_file(storage_url)
     if path is not None and not path.is_file():
         raise StorageError(f"no study file at {path} ({storage_url}).")
 

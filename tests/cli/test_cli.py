@@ -70,7 +70,7 @@ def test_tune_default_runs_end_to_end(tuned) -> None:
         assert text in out, text
     assert f"{report['dense']['params']:,}" in out and f"{report['final']['params']:,}" in out
     low, high = report["final"]["verify_drop_interval"]
-    assert f"[95 %: {100 * low:.2f} to {100 * high:.2f}]" in out
+    assert f"[95 % interval of the drop: {100 * low:.2f} to {100 * high:.2f}]" in out
 
 
 def test_tune_shows_one_search_bar_and_no_warnings_of_its_own(tuned) -> None:

@@ -48,7 +48,7 @@ def test_datamodule_lifecycle_runs_as_the_trainer_runs_it() -> None:
     datamodule = DocsDataModule()
     data = resolve_data(datamodule=datamodule)
     assert datamodule.calls == ["prepare_data", "setup:fit", "setup:test"]
-    assert len(data.search) == 4 and len(data.select) == 4 and len(data.test) == 4
+    assert len(data.search) == 2 and len(data.select) == 6 and len(data.test) == 4
     assert data.test_split == "test" and "selection" in data.select_split
     # The search and selection splits are disjoint halves of validation.
     search_x = torch.cat([x for x, _ in data.search])
@@ -60,7 +60,7 @@ def test_without_a_test_split_validation_is_cut_three_ways() -> None:
     loader = DataLoader(TensorDataset(torch.randn(320, 4), torch.zeros(320, dtype=torch.long)), batch_size=32)
     with pytest.warns(UserWarning, match="no test split"):
         data = resolve_data(val_dataloaders=loader)
-    assert (len(data.search), len(data.select), len(data.test)) == (4, 4, 2)
+    assert (len(data.search), len(data.select), len(data.test)) == (2, 6, 2)
     assert "held out" in data.test_split
 
 

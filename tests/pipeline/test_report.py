@@ -134,7 +134,7 @@ def test_summary_reproduces_the_cli_table(written: tuple[dict[str, Any], Path, s
     for text in ("original", "compressed", "parameters", "MACs per sample", "1,234,567", "456,789", "2.70x fewer",
                  "latency (batch 32, 4 threads, measured)", "2.000 ms", "1.250 ms", "1.60x faster",
                  "latency (predicted by the latency table)", "2.002 ms", "1.300 ms", "1.54x faster",
-                 "drop 0.31 points [95 %: -0.20 to 0.90] (allowed 0.50 points)",
+                 "drop 0.31 points [95 % interval of the drop: -0.20 to 0.90] (allowed 0.50 points)",
                  "accuracy (validation split, first 70%)",
                  "ranks (trial 12): features.0 6/16, features.3 (12, 20)/(32, 64), <script> 24/128, "
                  "classifier.2 dense/10",
@@ -154,7 +154,7 @@ def test_a_gain_reads_as_a_gain_and_a_logged_metric_keeps_its_name(tmp_path: Pat
     for rendering in (summary, page):
         assert "gains 0.25 points of val_acc (test split)" in rendering
         assert "-0.25" not in rendering and "loses" not in rendering and "val_acc on test" not in rendering
-    assert "gain 0.25 points [95 %" in summary and "gain of 0.25 points" in page
+    assert "gain 0.25 points [95 % interval of the drop" in summary and "gain of 0.25 points" in page
     held_out = dict(report, splits={"search": "validation (first 70%)", "verify": "validation (last 30%, held out)"})
     assert "val_acc (validation split, last 30%, held out)" in _text(held_out)
 
