@@ -26,7 +26,8 @@ from lrsearch.pipeline._console import run_console
 from lrsearch.pipeline._spec import RunSpec
 from lrsearch.study import SearchConfig, SearchResult
 from lrsearch.study._storage import StorageError, open_storage, redacted, storage_file
-from lrsearch.study._study import _COUNTED, ATTR
+from lrsearch.study._study import ATTR
+from lrsearch.study._zombies import counted_trials as study_trials
 
 __all__ = ["check_study_exists", "counted_trials", "search_worker"]
 
@@ -94,8 +95,7 @@ def counted_trials(storage_url: str, study_name: str) -> int:
         raise StorageError(format_problem(
             f"No study {study_name!r} in {redacted(storage_url)}", given=f"studies {names}" if names else "no study",
             hint="run lrsearch worker with this --storage and --study-name first, or fix the name."))
-    finished = len(optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False,
-                                                                                         states=_COUNTED))
+    finished = study_trials(optuna.load_study(study_name=study_name, storage=storage))
     if finished == 0:
         raise StorageError(f"study {study_name!r} in {redacted(storage_url)} has no trials yet; run workers first.")
     return finished
