@@ -85,6 +85,8 @@ class LowRankMultiheadAttention(nn.Module):
     @property
     def in_proj_bias(self) -> torch.Tensor | None:
         """The q, k, v projection biases in one tensor, as ``nn.MultiheadAttention`` names them."""
+        if self.packed:
+            return _bias(self.in_proj)
         biases = [_bias(getattr(self, name)) for name in self.projections[:-1]]
         return None if biases[0] is None else torch.cat(biases)  # type: ignore[arg-type]
 

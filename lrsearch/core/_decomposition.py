@@ -59,9 +59,12 @@ class Decomposition:
         forward: how a batch is fed to the model; default ``model(batch[0])`` for tuples,
             ``model(batch)`` for tensors and ``model(**batch)`` for dicts.
         target_types, target_modules, exclude_modules: which layers to decompose (see
-            :func:`lrsearch.core.select_targets`).
+            :func:`lrsearch.core.select_targets`; default: every Linear, transformers
+            ``Conv1D``, Conv1d and Conv2d, and the projections of every ``nn.MultiheadAttention``,
+            named ``<attention>.in_proj`` and ``<attention>.out_proj``, see :attr:`working_model`).
         layers: restrict the targets to exactly these dotted names.
-        conv_scheme: default scheme of conv layers, or a map from layer name to scheme.
+        conv_scheme: default scheme of conv layers, or a map from layer name to scheme. A
+            scheme a layer's kind lacks (``"spatial"`` for a Conv1d) leaves it on its default.
         max_calibration_batches: stop the calibration pass after this many batches.
         ridge: relative eigenvalue floor of the whitening statistics.
     """
