@@ -148,11 +148,17 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
     except Exception as error:  # SQLAlchemy raises many types; all mean "cannot open"
         hint = ("check that the file is an Optuna study and its folder is writable." if file is not None
                 else "check the URL, the server and the credentials.")
-        raise StorageError(format_problem(f"Cannot open the study storage {redacted(url)!r}: {error}",
+        raise StorageError(format_problem(f"Cannot open the study storage {redacted(url)!r}: {_reason(error)}",
                                           hint=hint)) from error
     if url.startswith("sqlite"):
         _tune_sqlite(storage)
     return storage
+
+
+def _reason(error: Exception) -> str:
+    """The driver's own words, on one line, without SQLAlchemy's wrapping (class names, SQL, links)."""
+    original = getattr(error, "orig", None) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
+    return " ".join(str(original or error).split())
 
 
 def _engine_kwargs(url: str, connect_timeout: int) -> dict[str, Any]:
