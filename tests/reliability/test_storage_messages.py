@@ -79,3 +79,15 @@ def test_a_damaged_sqlite_file_does_not_blame_the_server(tmp_path: Path) -> None
     with pytest.raises(StorageError, match="check that the file is an Optuna study") as caught:
         open_storage(f"sqlite:///{damaged}")
     assert "server" not in str(caught.value)
+
+
+def test_the_weight_fingerprint_is_the_same_in_chunks_and_sees_one_changed_weight() -> None:
+    from lrsearch.study._fingerprint import _TOLERANCE, _weight_figures
+
+    weight = torch.randn(300, 100, generator=torch.Generator().manual_seed(0))
+    norm, projection = _weight_figures(weight)
+    chunked = _weight_figures(weight, chunk=1234)
+    assert abs(chunked[0] - norm) <= _TOLERANCE * norm and abs(chunked[1] - projection) <= _TOLERANCE * norm
+    nudged = weight.clone()
+    nudged[7, 3] += 1e-4
+    assert abs(_weight_figures(nudged)[1] - projection) > _TOLERANCE * norm
