@@ -9,6 +9,7 @@ on release, so a finished run leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -74,13 +75,21 @@ def _release(path: Path, fd: int) -> None:
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike[str], *, waiting: str) -> Iterator[None]:
+def file_lock(path: str | os.PathLike[str], *, waiting: str, unless_read_only: bool = False) -> Iterator[None]:
     """Hold ``path`` exclusively, waiting for its holder if need be; ``waiting`` says for what, in the log.
 
+    With ``unless_read_only``, a folder this process may not write in is no error: the block runs
+    unlocked (a reader of a study someone else owns changes nothing that needs the lock).
     Not reentrant: a process that takes the same lock twice waits for itself.
     """
     target = Path(path)
-    fd = _open_locked(target, wait=False)
+    try:
+        fd = _open_locked(target, wait=False)
+    except OSError as error:
+        if not (unless_read_only and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+            raise
+        yield
+        return
     if fd is None:
         _logger.info("waiting for %s, which holds %s, to finish %s", _holder(target), target, waiting)
         fd = _open_locked(target, wait=True)

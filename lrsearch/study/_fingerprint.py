@@ -20,18 +20,26 @@ from lrsearch.core import Decomposition
 __all__ = ["KEY", "check_same_model", "model_fingerprint"]
 
 KEY = "lrsearch:model"
-_TOLERANCE = 1e-5  # of a layer's weight norm; float rounding across devices is about 1e-12
+_TOLERANCE = 1e-8  # of a layer's weight norm; float64 sums of the same weights differ by about 1e-15
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def _weight_figures(weight: torch.Tensor) -> tuple[float, float]:
+def _weight_figures(weight: torch.Tensor, *, chunk: int = 1 << 20) -> tuple[float, float]:
     """The weight's norm and a projection on a fixed direction: equal for equal weights on any device.
 
-    The direction is computed, not drawn: CPU and CUDA generators give different numbers for a seed.
+    The direction is computed, not drawn: CPU and CUDA generators give different numbers for a
+    seed. In chunks, so that a large layer needs no float64 copy of itself on its device.
     """
-    flat = weight.detach().flatten().double()
-    direction = torch.cos(torch.arange(flat.numel(), device=flat.device, dtype=torch.float64) * _GOLDEN)
-    return float(torch.linalg.vector_norm(flat)), float(flat @ direction)
+    flat = weight.detach().flatten()
+    if flat.device.type == "mps":  # no float64 there
+        flat = flat.cpu()
+    square = projection = 0.0
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start:start + chunk].double()
+        index = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.float64)
+        square += float(part @ part)
+        projection += float(part @ torch.cos(index * _GOLDEN))
+    return math.sqrt(square), projection
 
 
 def model_fingerprint(decomposition: Decomposition) -> dict[str, dict[str, Any]]:

@@ -148,11 +148,17 @@ def open_storage(url: str, *, heartbeat_interval: int | None = 60, connect_timeo
     except Exception as error:  # SQLAlchemy raises many types; all mean "cannot open"
         hint = ("check that the file is an Optuna study and its folder is writable." if file is not None
                 else "check the URL, the server and the credentials.")
-        raise StorageError(format_problem(f"Cannot open the study storage {redacted(url)!r}: {error}",
+        raise StorageError(format_problem(f"Cannot open the study storage {redacted(url)!r}: {_reason(error)}",
                                           hint=hint)) from error
     if url.startswith("sqlite"):
-        _tune_sqlite(storage)
+        _tune_sqlite(storage, writable=file is None or os.access(file, os.W_OK))
     return storage
+
+
+def _reason(error: Exception) -> str:
+    """The driver's own words, on one line, without SQLAlchemy's wrapping (class names, SQL, links)."""
+    original = getattr(error, "orig", None) if isinstance(error, sqlalchemy.exc.DBAPIError) else None
+    return " ".join(str(original or error).split())
 
 
 def _engine_kwargs(url: str, connect_timeout: int) -> dict[str, Any]:
@@ -174,7 +180,8 @@ def storage_lock(url: str, scope: str, *, connect_timeout: int = 10) -> Iterator
     """
     file = storage_file(url)
     if file is not None:
-        with file_lock(file.with_name(file.name + LOCK_SUFFIX), waiting=f"{scope} of {file.name}"):
+        with file_lock(file.with_name(file.name + LOCK_SUFFIX), waiting=f"{scope} of {file.name}",
+                       unless_read_only=True):
             yield
         return
     if not url.startswith(("postgresql", "postgres:")):
@@ -208,7 +215,7 @@ def _with_postgres_driver(url: str) -> str:
     return url  # SQLAlchemy's ImportError becomes the "driver is not installed" StorageError
 
 
-def _tune_sqlite(storage: RDBStorage) -> None:
+def _tune_sqlite(storage: RDBStorage, *, writable: bool) -> None:
     """WAL with ``synchronous=NORMAL``, and transactions that take the write lock when they begin.
 
     WAL: a commit no longer waits for fsync (8 ms → 0.1 ms here). A killed process still loses
@@ -217,10 +224,12 @@ def _tune_sqlite(storage: RDBStorage) -> None:
 
     ``BEGIN IMMEDIATE``: Python's sqlite3 starts a transaction only at the first write, so
     Optuna's "read a WAITING trial, mark it RUNNING" ran as two steps, and two processes could
-    both take the same enqueued trial and evaluate it twice (then one crashed telling it).
+    both take the same enqueued trial and evaluate it twice (then one crashed telling it). Not
+    on a file this process may only read (a dashboard on someone else's study): it writes nothing.
     """
     def on_connect(connection: Any, _record: Any) -> None:
-        connection.isolation_level = None  # no implicit BEGIN: the "begin" event below issues it
+        if writable:
+            connection.isolation_level = None  # no implicit BEGIN: the "begin" event below issues it
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -230,15 +239,18 @@ def _tune_sqlite(storage: RDBStorage) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     sqlalchemy.event.listen(storage.engine, "connect", on_connect)
-    sqlalchemy.event.listen(storage.engine, "begin", on_begin)
+    if writable:
+        sqlalchemy.event.listen(storage.engine, "begin", on_begin)
     storage.engine.dispose()
 
 
 def fail_stale_trials(storage_url: str, study_name: str, *, older_than: float) -> list[int]:
     """Mark RUNNING trials that started more than ``older_than`` seconds ago FAIL; their numbers.
 
-    A worker killed mid-trial (SIGKILL, a lost machine) leaves its trial RUNNING forever on a
-    journal file, which has no heartbeats; it counts toward ``n_trials`` and the TPE sampler
+    A search fails the trials of workers killed on its own host by itself, and on a journal or
+    SQLite file every RUNNING trial when it starts while no other worker is present. This is
+    for the rest: a worker on another machine killed mid-trial on a journal file shared over
+    NFS, which has no heartbeats; its trial counts toward ``n_trials`` and the TPE sampler
     treats it as a bad point. Run this only when no live worker has a trial that old: pick
     ``older_than`` above the longest trial. A trial another process finishes meanwhile is left
     alone. Start times are the workers' local clocks, so workers on machines in other time

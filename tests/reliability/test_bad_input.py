@@ -145,6 +145,8 @@ CLI_CASES: list[Any] = [
     pytest.param(["--storage", "not-a-url"], "Cannot tell what kind of storage", id="storage of no known kind"),
     pytest.param(["--storage", "journal:{tmp}"], "is a folder, not a file", id="journal storage is a folder"),
     pytest.param(["--storage", "sqlite:///{ckpt}/study.db"], "cannot be created", id="sqlite storage under a file"),
+    pytest.param(["--storage", "sqlite:///{ckpt}"], "is not a SQLite database", id="sqlite storage not SQLite"),
+    pytest.param(["--storage", "journal:{ckpt}"], "is not an Optuna journal file", id="journal storage not a journal"),
     # a metric name the module never logs: the message lists the names it does log
     pytest.param([*MODEL, "--ckpt_path", "{ckpt}", "--monitor", "val_accuracy"],
                  ("never logs 'val_accuracy'", "'val_acc', 'val_loss'"), id="monitor a name never logged"),
