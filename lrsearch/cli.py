@@ -10,8 +10,10 @@ API; ``--config`` takes a YAML file or the name of a built-in config (``mnist1d_
 ``finalize`` is ``compress`` on the study the workers filled (it runs no new trials).
 
 Exit status: 0 when the budget holds (or the command succeeded), 1 when no configuration
-meets the budget, 2 for bad usage or bad input (one line on stderr, nothing written), 130 on
-Ctrl-C (one line saying how to resume; nothing half-written). ``lrsearch --help`` imports
+meets the budget, 2 for bad usage or bad input (one line on stderr, nothing written), 3 when
+writing failed (disk full, I/O; nothing half-written, re-running resumes), 4 for an internal
+error (one line; the traceback in ``RUN_DIR/lrsearch-error.log``), 130 on Ctrl-C (one line
+saying how to resume; nothing half-written). ``lrsearch --help`` imports
 neither torch nor Optuna.
 """
 
@@ -22,17 +24,28 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 import lrsearch
-from lrsearch._argv import CONFIG_DIR, UsageError, check_yaml, one_line, parse_message, prepared, shipped
-from lrsearch._errors import Interrupted, LrSearchError, format_problem
+from lrsearch._argv import (
+    CONFIG_DIR,
+    UsageError,
+    check_yaml,
+    one_line,
+    parse_message,
+    prepared,
+    shipped,
+)
+from lrsearch._errors import Interrupted, LrSearchError, StorageIOError, format_problem
 from lrsearch._version import __version__
 
-__all__ = ["CONFIG_DIR", "EXIT_INTERRUPTED", "EXIT_MISSED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main"]
+__all__ = ["CONFIG_DIR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_IO", "EXIT_MISSED", "EXIT_OK", "EXIT_USAGE",
+           "UsageError", "main"]
 
 PROG = "lrsearch"
-EXIT_OK, EXIT_MISSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_MISSED, EXIT_USAGE, EXIT_IO, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+ERROR_LOG = "lrsearch-error.log"
 _JOB_COMMANDS = ("tune", "worker", "finalize")
 _HELP = {
     "tune": "compress a model end to end (default: the built-in pretrained MNIST-1D MLP)",
@@ -79,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(command, str(error))
         try:
             return _HANDLERS[args.command](args.command, sub, args[args.command])
+        except StorageIOError as error:  # disk full, I/O: nothing half-written; re-running resumes
+            print(f"{PROG} {args.command}: error: {one_line(str(error))}", file=sys.stderr)
+            return EXIT_IO
         except LrSearchError as error:
             return _fail(args.command, str(error))
         except Interrupted as interrupt:  # the message says how to resume
@@ -87,6 +103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # before the search began: nothing to resume
             print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except Exception as error:  # noqa: BLE001 - a bug or an unforeseen failure: one line, the rest in a log
+            log = _traceback_log(getattr(args[args.command], "run_dir", None))
+            print(f"{PROG} {args.command}: internal error: {type(error).__name__}: {one_line(str(error))} "
+                  f"(traceback in {log}; please report it)", file=sys.stderr)
+            return EXIT_INTERNAL
+
+
+def _traceback_log(run_dir: str | None) -> Path:
+    """Write the current exception's traceback into the run folder (or the temp folder) and say where."""
+    import tempfile
+    import traceback
+
+    folder = Path(run_dir) if run_dir and Path(run_dir).is_dir() else Path(tempfile.gettempdir())
+    path = folder / ERROR_LOG
+    path.write_text(traceback.format_exc(), encoding="utf-8")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +241,11 @@ def _built(group: str, kind: type, values: dict[str, Any]) -> Any:
 
 def _check_storage(url: str | None) -> None:
     """An unwritable file or an unreachable server fails now, before any work, creating nothing."""
-    from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage
+    from lrsearch.study._storage import (
+        check_file_storage,
+        is_file_storage,
+        open_storage,
+    )
 
     if url is not None and is_file_storage(url):
         check_file_storage(url)

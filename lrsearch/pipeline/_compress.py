@@ -27,13 +27,20 @@ from torch.utils.data import DataLoader
 
 from lrsearch._atomic import atomic_write_bytes
 from lrsearch._errors import Interrupted
+from lrsearch._runlock import run_lock
 from lrsearch.core import Coverage, coverage, get_recipe, save
 from lrsearch.core._serialization import CHECKPOINT_KEY
 from lrsearch.measure import Evaluator
 from lrsearch.pipeline._console import run_console
 from lrsearch.pipeline._finetune import check_trainer_options, finetune
 from lrsearch.pipeline._lightning import clone_module, namespace_of
-from lrsearch.pipeline._outcome import Attempt, Report, build_report, drop_interval, standard_error
+from lrsearch.pipeline._outcome import (
+    Attempt,
+    Report,
+    build_report,
+    drop_interval,
+    standard_error,
+)
 from lrsearch.pipeline._report import write_report
 from lrsearch.pipeline._select import Bisection
 from lrsearch.pipeline._spec import Run, RunSpec
@@ -96,7 +103,7 @@ def compress(module: nn.Module, spec: RunSpec | None = None, *, datamodule: Any 
 def run_compression(module: nn.Module, run: Run, *, inherited: Mapping[str, Any] | None = None,
                     **sources: Any) -> CompressionResult:
     """:func:`compress` of a resolved run; ``inherited``: Trainer settings the fine-tunes start from."""
-    with run_console(verbose=run.spec.verbose):
+    with run_console(verbose=run.spec.verbose), run_lock(run.layout.root):
         return _Compression(module, run, inherited or {}).execute(sources)
 
 
