@@ -46,11 +46,20 @@ if TYPE_CHECKING:
     from lrsearch.study import Candidate, SearchConfig, SearchResult, search
 
 
-def __getattr__(name: str) -> Any:
-    """Import a layer on first use (optuna's lazy-import pattern): ``lrsearch --help`` needs no torch."""
-    if name in _LAZY or name in __all__:
-        import importlib
+_SUBPACKAGES = ("core", "measure", "study", "pipeline", "demo", "lightning")
 
+
+def __getattr__(name: str) -> Any:
+    """Import a layer on first use (optuna's lazy-import pattern): ``lrsearch --help`` needs no torch.
+
+    The layers themselves (``lrsearch.core``, ``lrsearch.study``, ...) are reachable as attributes too,
+    as they were when ``import lrsearch`` imported them eagerly.
+    """
+    import importlib
+
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"lrsearch.{name}")
+    if name in _LAZY or name in __all__:
         return getattr(importlib.import_module(_LAZY.get(name, "lrsearch.core")), name)
     raise AttributeError(f"module 'lrsearch' has no attribute {name!r}")
 

@@ -136,8 +136,7 @@ def _no_match_message(model: nn.Module, *, matched_any: bool, excluded_any: bool
                               expected="a regex matching whole dotted names, or a list of names/suffixes",
                               given=f"available layers: {sample or 'none'}",
                               hint="copy names from model.named_modules().")
-    return format_problem(f"The model ({type(model).__name__}) has no Linear or Conv2d layer to factorize, "
-                          "nor any other layer lrsearch factorizes",
+    return format_problem(f"The model ({type(model).__name__}) has no layer lrsearch can factorize",
                           expected=f"at least one {supported_labels()} layer",
                           given=f"a model whose parameters are held by {describe_contents(model)}",
                           hint="lrsearch factorizes the layers listed above; the others stay as they are.")
