@@ -6,6 +6,7 @@ not on ``sys.path``); see ``load_models`` at the top of each test file.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,3 +128,16 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Relative Frobenius error, in float64."""
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm())
+
+
+def assert_whitened_optimum(model: nn.Module, inputs: torch.Tensor, whitened, plain, *, layer: str = "0") -> None:  # noqa: ANN001
+    """At every rank below full, the whitened build's output error on ``inputs`` (the calibration
+    data) equals the tail of its singular values, the exact optimum, and beats the plain SVD's."""
+    values = whitened.singular_values(layer)
+    with torch.no_grad():
+        reference = model(inputs)
+        for rank in range(1, whitened.full_rank(layer)):
+            white_error = float((whitened.build(rank)(inputs) - reference).double().norm())
+            plain_error = float((plain.build(rank)(inputs) - reference).double().norm())
+            assert white_error == pytest.approx(float(values[rank:].square().sum().sqrt()), rel=1e-3), rank
+            assert white_error < plain_error, rank
