@@ -233,11 +233,17 @@ class LatencyTable:
 
         The dense model's time minus each replaced layer's dense time plus its factorized
         time (per call, times the calls per forward). Layers not in ``plan`` stay dense.
+
+        Layers timed one by one can add up to more than the whole model timed at once (caches
+        stay warm for a lone layer on a busy machine); the per-layer times are then scaled down
+        to fit the whole model, so a prediction is never negative and candidates keep their order.
         """
+        layers = sum(layer.calls * layer.dense for layer in self.layers.values())
+        scale = min(1.0, self.dense_model / layers) if layers > 0 else 1.0
         seconds = self.dense_model
         for name, (scheme, rank) in plan.items():
             layer = self._layer(name)
-            seconds += layer.calls * (self.factorized_time(name, scheme, rank) - layer.dense)
+            seconds += scale * layer.calls * (self.factorized_time(name, scheme, rank) - layer.dense)
         return seconds
 
     def faster_ranks(self, name: str, scheme: str) -> list[int]:

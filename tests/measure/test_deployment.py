@@ -61,3 +61,16 @@ def test_round_trip_and_bare_tables() -> None:
 def test_bad_deployments(tables, weights, reduce, match) -> None:
     with pytest.raises(LatencyTableError, match=match):
         DeploymentLatency(tables, weights, reduce)
+
+
+def test_layers_timed_apart_that_add_up_to_more_than_the_model_never_predict_a_negative_latency() -> None:
+    # Two layers of 6 ms each in a model timed at 10 ms: each is scaled to fit, savings keep their order.
+    fast = {8: 1e-3, 16: 2e-3}
+    layers = {name: LayerLatency(dense=6e-3, factorized={"linear": dict(fast)}, geometry=dict(GEOMETRY))
+              for name in ("a", "b")}
+    table = LatencyTable(device="cpu", threads=1, batch_size=1, torch_version=torch.__version__,
+                         dense_model=10e-3, layers=layers)
+    both = table.predict({"a": ("linear", 8), "b": ("linear", 8)})
+    one = table.predict({"a": ("linear", 8)})
+    assert 0 < both < one < 10e-3
+    assert both == pytest.approx(10e-3 * 2e-3 / 12e-3)
