@@ -12,6 +12,7 @@ from lrsearch.measure._latency import (
     LatencyTableError,
     LayerLatency,
     build_latency_table,
+    resize_batch,
     time_call,
 )
 from lrsearch.measure._logged import LoggedMetric, LoggedMetricError
@@ -36,5 +37,6 @@ __all__ = [
     "paired_drop",
     "paired_drop_interval",
     "parse_budget",
+    "resize_batch",
     "time_call",
 ]

@@ -336,6 +336,12 @@ def _resize(batch: Any, old: int, new: int) -> Any:
     return batch
 
 
+def resize_batch(batch: Any, size: int) -> Any:
+    """``batch`` with its batch dimension cycled or cut to ``size`` (other tensors left as they are)."""
+    old = _leading_size(batch)
+    return batch if old is None or old == size else _resize(batch, old, size)
+
+
 def _plan_measurements(decomposition: Decomposition, ranks: Mapping[str, Sequence[int]] | None,
                        schemes: Mapping[str, Sequence[str]] | None, multiple: int
                        ) -> dict[str, dict[str, list[int]]]:

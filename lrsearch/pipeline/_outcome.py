@@ -29,6 +29,7 @@ from lrsearch.measure import (
     compare_latency,
     paired_drop,
     paired_drop_interval,
+    resize_batch,
 )
 from lrsearch.pipeline._data import PipelineData
 from lrsearch.pipeline._report import undecided_warning
@@ -128,24 +129,6 @@ def _figures(model: nn.Module, batch: Any, forward: ForwardFn | None) -> dict[st
     return {"params": count_params(model), "macs": macs_per_sample(model, batch, forward=forward)}
 
 
-def _deployment_batch(batch: Any, size: int | None) -> Any:
-    """The first search batch, cut or tiled to the latency table's batch size."""
-    if size is None:
-        return batch
-
-    def resize(tensor: Any) -> Any:
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
-            return tensor
-        reps = -(-size // tensor.shape[0])
-        return tensor.repeat(reps, *([1] * (tensor.dim() - 1)))[:size]
-
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(resize(item) for item in batch)
-    if isinstance(batch, Mapping):
-        return {key: resize(value) for key, value in batch.items()}
-    return resize(batch)
-
-
 def _trials(result: SearchResult, objective: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every complete trial's cost and drop (for the Pareto plot), and the trials counted by how they ended."""
     # result.storage is lrsearch's URL (journal:PATH too), which only open_storage understands
@@ -196,7 +179,7 @@ def build_report(module: nn.Module, run: Run, result: SearchResult, data: Pipeli
     table = result.latency_table
     threads = table.threads if table else (config.threads or torch.get_num_threads())
     sizes = table.batch_sizes if table else (config.batch_sizes or (batch_size_of(data.search[0]),))
-    batches = {size: _deployment_batch(data.search[0], size) for size in sizes}
+    batches = {size: resize_batch(data.search[0], size) for size in sizes}
     batch = batches[sizes[0]]
     rows, counts = _trials(result, config.objective)
     dense = {**_figures(module, batch, spec.forward), "search_metric": result.baseline, "select_metric": base_select}

@@ -367,3 +367,13 @@ def test_truncated_and_binary_files_are_typed_errors(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(LatencyTableError):
         LatencyTable.load(path)
+
+
+def test_resize_batch_cycles_or_cuts_only_the_batch_dimension() -> None:
+    from lrsearch.measure import resize_batch
+
+    batch = {"x": torch.arange(6).reshape(3, 2), "mask": torch.ones(5, 5), "n": 3}
+    grown = resize_batch(batch, 7)
+    assert grown["x"][:, 0].tolist() == [0, 2, 4, 0, 2, 4, 0] and grown["mask"].shape == (5, 5)
+    assert resize_batch((torch.zeros(3, 4), torch.zeros(3)), 2)[1].shape == (2,)
+    assert resize_batch(batch, 3) is batch
