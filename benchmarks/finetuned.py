@@ -135,7 +135,25 @@ def _aimet_ladder(task: Any) -> tuple[list[tuple[str, Callable[[], nn.Module]]],
     return ladder, time.perf_counter() - started, scorer.evaluations
 
 
-def run_model(arch: str, *, budget: str, threads: int, quick: bool, epochs: int | None) -> dict[str, Any]:
+def _cached(cache: Path | None, key: str, walk: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A baseline's outcome (kept model included) from ``cache`` when an earlier run left it, else walked and stored.
+
+    A baseline's ladder takes most of the benchmark's time and does not change when lrsearch
+    does; its kept model is timed again with the others, in the same interleaved rounds.
+    """
+    path = cache / f"{key}.pt" if cache is not None else None
+    if path is not None and path.exists():
+        _log.info("  from %s", path)
+        return torch.load(path, weights_only=False)
+    outcome = walk()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(outcome, path)
+    return outcome
+
+
+def run_model(arch: str, *, budget: str, threads: int, quick: bool, epochs: int | None,
+              cache: Path | None = None, methods: tuple[str, ...] = ("uniform", "aimet", "lrsearch")) -> dict[str, Any]:
     module = _module(arch)
     data = _loaders(arch)
     splits = data["splits"]
@@ -149,19 +167,27 @@ def run_model(arch: str, *, budget: str, threads: int, quick: bool, epochs: int 
     allowed = parse_budget(budget).allowed_drop(base_val)
     outcomes: dict[str, dict[str, Any]] = {}
 
-    _log.info("%s: uniform rank, plain SVD, fine-tuned ladder", arch)
-    ladder, build_seconds = _uniform_ladder(module, task.calibration)
-    walk = _step_down(ladder, module=module, train=data["train"], val=val, allowed=allowed, base=base_val,
-                      config=config)
-    outcomes["uniform rank, plain SVD (fine-tuned ladder)"] = {**walk, "seconds": walk["seconds"] + build_seconds}
+    def uniform() -> dict[str, Any]:
+        ladder, build_seconds = _uniform_ladder(module, task.calibration)
+        walk = _step_down(ladder, module=module, train=data["train"], val=val, allowed=allowed, base=base_val,
+                          config=config)
+        return {**walk, "seconds": walk["seconds"] + build_seconds}
 
-    _log.info("%s: AIMET-style greedy, fine-tuned ladder", arch)
-    ladder, table_seconds, evaluations = _aimet_ladder(task)
-    walk = _step_down(ladder, module=module, train=data["train"], val=val, allowed=allowed, base=base_val,
-                      config=config)
-    outcomes["AIMET-style greedy (fine-tuned ladder)"] = {**walk, "seconds": walk["seconds"] + table_seconds,
-                                                          "evaluations": evaluations}
+    def aimet() -> dict[str, Any]:
+        ladder, table_seconds, evaluations = _aimet_ladder(task)
+        walk = _step_down(ladder, module=module, train=data["train"], val=val, allowed=allowed, base=base_val,
+                          config=config)
+        return {**walk, "seconds": walk["seconds"] + table_seconds, "evaluations": evaluations}
 
+    suffix = f"{arch}-{budget}-e{epochs}{'-quick' if quick else ''}"
+    if "uniform" in methods:
+        _log.info("%s: uniform rank, plain SVD, fine-tuned ladder", arch)
+        outcomes["uniform rank, plain SVD (fine-tuned ladder)"] = _cached(cache, f"uniform-{suffix}", uniform)
+    if "aimet" in methods:
+        _log.info("%s: AIMET-style greedy, fine-tuned ladder", arch)
+        outcomes["AIMET-style greedy (fine-tuned ladder)"] = _cached(cache, f"aimet-{suffix}", aimet)
+    if "lrsearch" not in methods:
+        return {"arch": arch, "methods": {label: {k: v for k, v in o.items() if k != "kept"} for label, o in outcomes.items()}}
     _log.info("%s: lrsearch with its defaults", arch)
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
@@ -248,6 +274,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="fine-tuning epochs of every method (default: FinetuneConfig's own, from the data size)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep each baseline's outcome here and reuse it in later runs (lrsearch always runs)")
+    parser.add_argument("--methods", nargs="+", default=["uniform", "aimet", "lrsearch"],
+                        choices=["uniform", "aimet", "lrsearch"],
+                        help="without lrsearch, only the baselines run (to fill --cache); nothing is timed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     warnings.filterwarnings("ignore")
@@ -255,8 +286,11 @@ def main() -> None:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     torch.set_num_threads(args.train_threads)
     started = time.perf_counter()
-    results = [run_model(arch, budget=args.budget, threads=args.threads, quick=args.quick, epochs=args.epochs)
-               for arch in args.models]
+    results = [run_model(arch, budget=args.budget, threads=args.threads, quick=args.quick, epochs=args.epochs,
+                         cache=args.cache, methods=tuple(args.methods)) for arch in args.models]
+    if "lrsearch" not in args.methods:
+        print(json.dumps(results, indent=1, default=str))
+        return
     env = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
            "lrsearch": lrsearch.__version__, "machine": platform.processor() or platform.machine(),
            "threads": args.threads, "wall_seconds": round(time.perf_counter() - started),

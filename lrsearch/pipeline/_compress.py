@@ -42,7 +42,7 @@ from lrsearch.pipeline._outcome import (
     standard_error,
 )
 from lrsearch.pipeline._report import write_report
-from lrsearch.pipeline._select import Bisection
+from lrsearch.pipeline._select import Selection
 from lrsearch.pipeline._spec import Run, RunSpec
 from lrsearch.study import Candidate, SearchResult
 from lrsearch.study._storage import redacted
@@ -128,9 +128,10 @@ class _Compression:
                            exclude_modules=spec.exclude_modules)
         _logger.info("%s", covered.format())
         self.result = result = run.run_search(self.module, data)
+        self.starting = run.starting_factors(self.module, result)
         searched_at = time.perf_counter()
         with _resume_hint(result):
-            chosen, _ = Bisection(result.pareto, spec.max_finetunes).run(self.judge)
+            chosen, _ = Selection(result.uniform, result.pareto, result.cost, spec.max_finetunes).run(self.judge)
             selected = next((a for a in self.attempts if chosen is not None and a.candidate is chosen.candidate), None)
             selected_at = time.perf_counter()
             report, final = build_report(self.module, run, result, data, base_select=self.base_select.value,
@@ -148,10 +149,13 @@ class _Compression:
         """Fine-tune ``candidate`` and say whether it holds on the selection split."""
         begun = time.perf_counter()
         data, layout = self.data, self.run.layout
-        _logger.info("fine-tuning trial %d (%d of at most %d; front of %d, search drop %.2f points)",
-                     candidate.trial, len(self.attempts) + 1, self.spec.max_finetunes, len(self.result.pareto),
-                     100 * candidate.drop)
-        tuned = finetune(clone_module(self.result.build(candidate)).train(), teacher=clone_module(self.module),
+        family = self.family(candidate)
+        _logger.info("fine-tuning trial %d (%d of at most %d; %s, search drop %.2f points)",
+                     candidate.trial, len(self.attempts) + 1, self.spec.max_finetunes,
+                     f"uniform-rank ladder of {len(self.result.uniform)}" if family == "uniform"
+                     else f"front of {len(self.result.pareto)}", 100 * candidate.drop)
+        start = self.starting.build(dict(candidate.ranks), schemes=candidate.schemes)
+        tuned = finetune(clone_module(start).train(), teacher=clone_module(self.module),
                          root_dir=layout.finetune(candidate.trial), config=self.spec.finetune,
                          train_dataloaders=data.train, val_dataloaders=DataLoader(data.search, batch_size=None),
                          forward=self.spec.forward, inherited=self.inherited, name=f"trial{candidate.trial}")
@@ -159,12 +163,16 @@ class _Compression:
         drop = self.run.search.drop(self.base_select.value, evaluation.value)
         margin = self.spec.select_margin * standard_error(self.base_select, evaluation)
         attempt = Attempt(candidate, tuned, evaluation, drop, drop_interval(self.base_select, evaluation),
-                          drop + margin <= self.allowed_select, time.perf_counter() - begun)
+                          drop + margin <= self.allowed_select, time.perf_counter() - begun, family)
         self.attempts.append(attempt)
         _logger.info("trial %d after fine-tuning: drop %.2f points on %s (allowed %.2f): %s", candidate.trial,
                      100 * drop, data.select_split, 100 * self.allowed_select,
                      "holds" if attempt.holds else "does not hold")
         return attempt.holds
+
+    def family(self, candidate: Candidate) -> str:
+        """Where the selection found ``candidate``: "uniform" (the uniform-rank ladder) or "front"."""
+        return "uniform" if candidate in self.result.uniform else "front"
 
     def save(self, report: Report, final: nn.Module | None) -> dict[str, Path]:
         """The result files, all together: Ctrl-C while they are written waits until they are."""

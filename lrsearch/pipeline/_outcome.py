@@ -72,9 +72,11 @@ class Attempt:
     interval: list[float] | None
     holds: bool
     seconds: float
+    family: str = "front"
+    """Where the selection took it from: "uniform" (the uniform-rank ladder) or "front" (the search's front)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"trial": self.candidate.trial, "ranks": _jsonable(self.candidate.ranks),
+        return {"trial": self.candidate.trial, "family": self.family, "ranks": _jsonable(self.candidate.ranks),
                 "search_drop": self.candidate.drop, "select_drop": self.drop, "select_drop_interval": self.interval,
                 "meets_budget": self.holds, "finetune_seconds": self.seconds}
 

@@ -205,12 +205,14 @@ def _ranks_section(r: Report, figures: _Figures) -> str:
 def _attempts_section(r: Report) -> str:
     if not r.attempts:
         return _note("No fine-tune attempts were recorded.")
-    rows = [(str(index + 1), _e(plain(a.trial)), _flagged(a.search_drop, r.allowed_drop),
+    families = {"uniform": "uniform-rank ladder", "front": "search's front"}
+    rows = [(str(index + 1), _e(plain(a.trial)), _e(families.get(a.family or "", MISSING)),
+             _flagged(a.search_drop, r.allowed_drop),
              _flagged(a.verify_drop, r.allowed_drop), _e(interval_text(a.interval) or MISSING),
              {True: "yes", False: "no"}.get(a.meets_budget, MISSING),
              f"<code>{_e(ranks_text(a.ranks, r.layers))}</code>")
             for index, a in enumerate(r.attempts)]
-    return _table(["#", "Trial", "Drop (search, before fine-tuning)", "Drop (selection split)",
+    return _table(["#", "Trial", "From", "Drop (search, before fine-tuning)", "Drop (selection split)",
                    "95 % interval (selection split)", "Held", "Ranks"], rows)
 
 

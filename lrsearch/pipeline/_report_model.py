@@ -77,12 +77,15 @@ class Attempt:
     verify_drop: float | None
     interval: tuple[float, float] | None
     meets_budget: bool | None
+    family: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Attempt:
         ranks = data.get("ranks")
         held = data.get("meets_budget")
+        family = data.get("family")
         return cls(trial=_integer(data.get("trial")), ranks=ranks if isinstance(ranks, Mapping) else {},
+                   family=family if isinstance(family, str) else None,
                    search_drop=_number(data.get("search_drop")),
                    # The final model's drop is its test verdict; a fine-tuned attempt's is its selection score.
                    verify_drop=_number(data.get("verify_drop", data.get("select_drop"))),

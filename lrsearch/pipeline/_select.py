@@ -1,25 +1,33 @@
-"""Fine-tuning-aware selection: bisect the search's cost-vs-drop front with real fine-tunes.
+"""Fine-tuning-aware selection: bisect with real fine-tunes, first a uniform-rank ladder, then the front.
 
 The search scores candidates *before* fine-tuning, and fine-tuning recovers much of a large
 drop, so the drop a candidate shows in the search says little about whether it will hold
-after fine-tuning. The search therefore runs under a wide constraint and keeps its front
-(feasible, non-dominated in cost and drop, cheapest first); this module finds how far along
-that front fine-tuning still carries: fine-tune the middle candidate, judge it on the
-selection split, then move cheaper after a success and dearer after a failure. That takes
-about log2(front size) fine-tunes, and ``max_finetunes`` bounds them.
+after fine-tuning. Worse, it ranks them differently: the search's front favours allocations
+that cut some layers very low, which approximate the original well but leave a narrow
+bottleneck that fine-tuning cannot widen, while one rank for every layer recovers best for
+its cost (measured on the MNIST-1D MLP, see benchmarks/README.md).
 
-It assumes that a dearer candidate of the front (a smaller drop before fine-tuning) is at
-least as likely to hold after fine-tuning; where that is false the bisection may miss a
-cheaper model, never accept one that failed.
+So :class:`Selection` walks two one-dimensional families, each ordered most aggressive first, by
+:class:`Bisection`: fine-tune the middle candidate, judge it on the selection split, then move
+cheaper after a success and dearer after a failure, about log2(size) fine-tunes each.
+
+1. The uniform-rank ladder the search scored (the hand method, bisected instead of stepped).
+2. The search's front (feasible, non-dominated in cost and drop), only its candidates cheaper
+   than the ladder's winner: what the per-layer search can add to the hand method.
+
+``max_finetunes`` bounds both together. The bisection assumes a dearer candidate of a family
+is at least as likely to hold; where that is false it may miss a cheaper model, never accept
+one that failed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Bisection", "Verdict"]
+__all__ = ["Bisection", "Selection", "Verdict"]
 
 CandidateT = TypeVar("CandidateT")
 
@@ -68,3 +76,42 @@ class Bisection(Generic[CandidateT]):
             else:
                 low = middle + 1
         return best, verdicts
+
+
+@dataclass
+class Selection(Generic[CandidateT]):
+    """The cheapest candidate that holds: the ``uniform`` ladder bisected, then the cheaper part of ``front``.
+
+    ``uniform`` is narrowest rank first, ``front`` cheapest first. The ladder gets the fine-tunes a
+    full bisection of it needs, but leaves at least two of ``max_finetunes`` (when there are that
+    many) for the front. A rung that is also on the front is left to the ladder.
+    """
+
+    uniform: Sequence[CandidateT]
+    front: Sequence[CandidateT]
+    cost: Callable[[CandidateT], float]
+    max_finetunes: int
+
+    def __post_init__(self) -> None:
+        Bisection(self.front, self.max_finetunes)  # the same check of max_finetunes
+
+    def run(self, judge: Callable[[CandidateT], bool]) -> tuple[Verdict[CandidateT] | None,
+                                                                 list[Verdict[CandidateT]]]:
+        """The cheapest candidate that held (None if none did) and every verdict, in order."""
+        verdicts: list[Verdict[CandidateT]] = []
+        winner: Verdict[CandidateT] | None = None
+        if self.uniform:
+            needed = math.ceil(math.log2(len(self.uniform) + 1))
+            share = min(needed, max(1, self.max_finetunes - 2))
+            winner, verdicts = Bisection(self.uniform, share).run(judge)
+        left = self.max_finetunes - len(verdicts)
+        bound = self.cost(winner.candidate) if winner is not None else math.inf
+        # The ladder's own rungs are settled by its bisection: those below its winner failed or
+        # lie below one that failed.
+        cheaper = [candidate for candidate in self.front
+                   if self.cost(candidate) < bound and candidate not in self.uniform]
+        if left > 0 and cheaper:
+            improved, more = Bisection(cheaper, left).run(judge)
+            verdicts += more
+            winner = improved or winner
+        return winner, verdicts

@@ -46,7 +46,14 @@ from lrsearch.study._space import SearchSpace
 from lrsearch.study._progress import SearchProgress
 from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, storage_lock
 from lrsearch.study._stored_table import store_latency_table, stored_latency_table
-from lrsearch.study._warmstart import GREEDY, GreedyBisection, kept_energy, warm_starts
+from lrsearch.study._warmstart import (
+    GREEDY,
+    GreedyBisection,
+    kept_energy,
+    uniform_allocation,
+    uniform_ranks,
+    warm_starts,
+)
 from lrsearch.study._zombies import StopWhenFull, counted_trials, reaping, record_owner
 
 __all__ = ["Candidate", "SearchResult", "search"]
@@ -86,7 +93,11 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """What a search found: the best feasible configuration (None if none) and the feasible Pareto set."""
+    """What a search found: the best feasible configuration (None if none) and the feasible Pareto set.
+
+    ``uniform`` holds the feasible rungs of the uniform-rank ladder (one rank for every layer,
+    as a person would try by hand), narrowest rank first: the selection fine-tunes along it too.
+    """
 
     study_name: str
     storage: str
@@ -100,6 +111,12 @@ class SearchResult:
     space: SearchSpace = field(repr=False)
     decomposition: Decomposition = field(repr=False)
     latency_table: DeploymentLatency | None = field(default=None, repr=False)
+    uniform: tuple[Candidate, ...] = field(default=(), repr=False)
+    objective: str = "latency"
+
+    def cost(self, candidate: Candidate) -> float:
+        """``candidate``'s value of the search's objective (latency, macs or params): what "cheaper" means."""
+        return _cost_value(candidate, self.objective)
 
     def build(self, candidate: Candidate | None = None) -> nn.Module:
         """The compressed model of ``candidate`` (default: the best), from the cached factors."""
@@ -119,6 +136,7 @@ class SearchResult:
                 "allowed_drop": self.allowed_drop, "dense": self.dense,
                 "best": self.best.to_dict() if self.best else None,
                 "pareto": [c.to_dict() for c in self.pareto],
+                "uniform": [c.to_dict() for c in self.uniform],
                 "searched_layers": {n: list(map(str, s.choices)) for n, s in self.space.layers.items()},
                 "fixed_dense": self.space.fixed_dense}
 
@@ -212,7 +230,8 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                 study, n_trials=config.n_trials, objective=config.objective, enabled=show_progress_bar) as progress:
             _run_trials(study, objective, config, space=space, bisection=bisection,
                         callbacks=[*callbacks, reaper, progress])
-        pareto = _feasible_pareto(study, config.objective)
+        feasible = _feasible_candidates(study)
+        pareto = _feasible_pareto(feasible, config.objective)
         best = pareto[0] if pareto else None
         publish_plots(study, objective=config.objective, metric=metric_name or baseline.metric_name,
                       budget=str(budget), allowed_drop=allowed, front=[c.trial for c in pareto],
@@ -221,7 +240,8 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,
                               baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
                               pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
-                              latency_table=table)
+                              latency_table=table, uniform=tuple(_uniform_ladder(feasible, space)),
+                              objective=config.objective)
         atomic_write_json(run_dir / "search-result.json", result.to_dict())
         return result
 
@@ -457,19 +477,37 @@ def _prepare_study(study: optuna.Study, config: SearchConfig, *, budget: Budget,
     study.set_user_attr(ATTR + "baseline", baseline)
 
 
-def _feasible_pareto(study: optuna.Study, objective: str) -> list[Candidate]:
-    """Feasible complete trials not dominated in (cost, drop), cheapest first, one per configuration."""
-    seen: set[Any] = set()
-    candidates: list[Candidate] = []
+def _feasible_candidates(study: optuna.Study) -> dict[tuple[tuple[str, str], ...], Candidate]:
+    """The feasible complete trials, one per configuration (the first that scored it)."""
+    found: dict[tuple[tuple[str, str], ...], Candidate] = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if not trial.user_attrs.get("feasible") or trial.constraints.get(CONSTRAINT, 1.0) > 0:
             continue
-        key = SearchSpace.key(trial.params)
-        if key in seen or "ranks" not in trial.user_attrs:
-            continue
-        seen.add(key)
-        candidates.append(Candidate.from_trial(trial))
+        if "ranks" in trial.user_attrs:
+            found.setdefault(SearchSpace.key(trial.params), Candidate.from_trial(trial))
+    return found
+
+
+def _feasible_pareto(feasible: Mapping[Any, Candidate], objective: str) -> list[Candidate]:
+    """Feasible candidates not dominated in (cost, drop), cheapest first."""
+    candidates = list(feasible.values())
     front = [c for c in candidates if not any(
         _cost_value(o, objective) <= _cost_value(c, objective) and o.drop <= c.drop
         and (_cost_value(o, objective) < _cost_value(c, objective) or o.drop < c.drop) for o in candidates)]
     return sorted(front, key=lambda c: (_cost_value(c, objective), c.drop))
+
+
+def _uniform_ladder(feasible: Mapping[Any, Candidate], space: SearchSpace) -> list[Candidate]:
+    """The feasible rungs of the uniform-rank ladder (:func:`uniform_ranks`), narrowest rank first.
+
+    Ordered by rank, not by measured cost: the rank is what fine-tuning recovers from, and on a
+    busy machine two neighbouring rungs can time the wrong way round. Rungs are found by
+    configuration, not by warm-start label: a rung that equals another warm start was enqueued
+    only once, under that one's label.
+    """
+    ladder: list[Candidate] = []
+    for rank in uniform_ranks(space):
+        candidate = feasible.get(SearchSpace.key(space.params(uniform_allocation(space, rank=rank))))
+        if candidate is not None and candidate not in ladder:
+            ladder.append(candidate)
+    return ladder

@@ -2,8 +2,8 @@
 
 With whitened factors, ``σ_i²/Σσ²`` is component i's exact share of a layer's output energy,
 so spending a cost budget on the components with the most energy per unit of cost is a strong
-zero-evaluation allocation (algorithms.md §4). Energy thresholds and uniform fractions add
-the allocations a user would try by hand. Once those are scored, :class:`GreedyBisection`
+zero-evaluation allocation (algorithms.md §4). Energy thresholds and a ladder of uniform ranks
+add the allocations a user would try by hand. Once those are scored, :class:`GreedyBisection`
 narrows the greedy family down to its cheapest allocation within the budget: the fixed
 fractions sample the cost axis too coarsely for a tight budget, and on a model with dozens of
 layers the sampler alone rarely finds that point.
@@ -11,6 +11,7 @@ layers the sampler alone rarely finds that point.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -18,10 +19,11 @@ import torch
 from lrsearch.core import DENSE, Decomposition
 from lrsearch.study._space import Choice, SearchSpace
 
-__all__ = ["GreedyBisection", "energy_allocation", "greedy_allocation", "kept_energy", "uniform_allocation",
-           "warm_starts"]
+__all__ = ["GreedyBisection", "UNIFORM", "energy_allocation", "greedy_allocation", "kept_energy",
+           "uniform_allocation", "uniform_ranks", "warm_starts"]
 
 GREEDY = "greedy@"
+UNIFORM = "uniform@"
 
 CostFn = Callable[[str, Choice], float]
 KeptEnergy = Mapping[str, Mapping[Choice, float]]
@@ -76,29 +78,47 @@ def energy_allocation(space: SearchSpace, kept: KeptEnergy, *, threshold: float)
     return allocation
 
 
-def uniform_allocation(decomposition: Decomposition, space: SearchSpace, *,
-                       fraction: float) -> dict[str, Choice]:
-    """The same fraction of every layer's full rank, rounded up to the grid."""
-    allocation: dict[str, Choice] = {}
-    for name, layer in space.layers.items():
-        top = decomposition.full_rank(name)
-        top = max(top) if isinstance(top, tuple) else top
-        allocation[name] = layer.nearest(max(1, round(fraction * top)))
-    return allocation
+def uniform_ranks(space: SearchSpace) -> list[int]:
+    """The ranks a person tries by hand, one for every layer: 1, 2, 3, 4, 6, 8, 12, ... times the grid step.
+
+    Each rung is about 1.4x the last (the ladder 8, 16, 24, 32, 48, 64, 96, ... for a step of 8),
+    up to the largest rank any layer can take.
+    """
+    ranks = sorted({rank for layer in space.layers.values() for _, rank in layer.options.values()})
+    if not ranks:
+        return []
+    step = math.gcd(*ranks)
+    ladder: list[int] = []
+    power = 1
+    while power * step <= ranks[-1]:
+        ladder += [rung for rung in (power * step, 3 * power * step // 2) if rung <= ranks[-1] and rung % step == 0]
+        power *= 2
+    return sorted(set(ladder))
+
+
+def uniform_allocation(space: SearchSpace, *, rank: int) -> dict[str, Choice]:
+    """Every layer at rank ``rank`` or the next choice above it; dense where no choice reaches it.
+
+    Rounding up keeps every layer's bottleneck at least ``rank`` wide: after fine-tuning, the
+    narrowest layer bounds what a factorized network can recover.
+    """
+    return {name: layer.nearest(rank) for name, layer in space.layers.items()}
 
 
 def warm_starts(decomposition: Decomposition, space: SearchSpace, cost: CostFn, *,
                 greedy_fractions: Sequence[float] = (0.2, 0.35, 0.5, 0.7),
-                energy_thresholds: Sequence[float] = (0.95, 0.99, 0.995, 0.999),
-                uniform_fractions: Sequence[float] = (0.125, 0.25, 0.5)) -> list[tuple[str, dict[str, Choice]]]:
-    """Labelled allocations, cheapest-first within each family, without duplicates."""
+                energy_thresholds: Sequence[float] = (0.95, 0.99, 0.995, 0.999)) -> list[tuple[str, dict[str, Choice]]]:
+    """Labelled allocations, cheapest-first within each family, without duplicates.
+
+    The uniform family is the whole ladder of :func:`uniform_ranks`, labelled ``uniform@RANK``:
+    the selection after the search fine-tunes along it (see :func:`uniform_ladder`).
+    """
     kept = kept_energy(decomposition, space)
     candidates = [(f"{GREEDY}{f:g}", greedy_allocation(space, kept, cost, fraction=f))
                   for f in greedy_fractions]
     candidates += [(f"energy@{t:g}", energy_allocation(space, kept, threshold=t))
                    for t in energy_thresholds]
-    candidates += [(f"uniform@{f:g}", uniform_allocation(decomposition, space, fraction=f))
-                   for f in uniform_fractions]
+    candidates += [(f"{UNIFORM}{rank}", uniform_allocation(space, rank=rank)) for rank in uniform_ranks(space)]
     seen: set[tuple[tuple[str, str], ...]] = set()
     unique: list[tuple[str, dict[str, Choice]]] = []
     for label, allocation in candidates:

@@ -145,19 +145,27 @@ def _breaking_finetune(*, first_only: bool):
     return fake, calls
 
 
-def test_a_failed_candidate_moves_the_bisection_dearer(tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_candidate_moves_the_selection_dearer(tmp_path: Path, monkeypatch) -> None:
     fake, calls = _breaking_finetune(first_only=True)
     monkeypatch.setattr(_compress, "finetune", fake)
-    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_finetunes=3,
+    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_finetunes=4,
                                    search={**FAST["search"], "n_trials": 12}, finetune=FAST["finetune"])
     _fit(tmp_path, callback, datamodule=Data())
     result = callback.result
-    front = [c.trial for c in result.search.pareto]
-    assert len(front) >= 2, "the tiny search must leave two candidates to fall back on"
+    ladder = [c.trial for c in result.search.uniform]
+    assert len(ladder) >= 2, "the tiny search must leave two uniform rungs to fall back on"
     attempts = result.report["attempts"]
-    assert attempts[0]["meets_budget"] is False and attempts[0]["trial"] == front[(len(front) - 1) // 2]
-    assert front.index(attempts[1]["trial"]) > front.index(attempts[0]["trial"])
+    assert attempts[0]["meets_budget"] is False and attempts[0]["family"] == "uniform"
+    assert attempts[0]["trial"] == ladder[(len(ladder) - 1) // 2]   # the ladder's middle rung first
+    assert attempts[1]["family"] == "uniform" and ladder.index(attempts[1]["trial"]) > ladder.index(attempts[0]["trial"])
     assert result.meets_budget and result.candidate.trial in [a["trial"] for a in attempts if a["meets_budget"]]
+    held = [a for a in attempts if a["meets_budget"]]
+    by_trial = {c.trial: c for c in (*result.search.uniform, *result.search.pareto)}
+    rung = min((a for a in attempts[:2] if a["meets_budget"]), key=lambda a: ladder.index(a["trial"]))
+    for later in attempts[2:]:  # then the front, only what is cheaper than the rung that held
+        assert later["trial"] in [c.trial for c in result.search.pareto]
+        assert result.search.cost(by_trial[later["trial"]]) < result.search.cost(by_trial[rung["trial"]])
+    assert result.candidate.trial == min(held, key=lambda a: result.search.cost(by_trial[a["trial"]]))["trial"]
 
 
 def test_none_holds_is_reported_plainly(tmp_path: Path, monkeypatch) -> None:
@@ -279,3 +287,34 @@ def test_the_test_split_is_scored_once_per_reported_model(tmp_path: Path, monkey
     assert roles.count("test") == 2
     # Both test scorings come after every selection scoring (the baseline and one per fine-tune).
     assert roles == ["other"] * (1 + finetunes) + ["test", "test"]
+
+
+def _recording_finetune():
+    """A finetune stand-in that keeps a copy of each module it is given, before training it."""
+    real = _compress.finetune
+    started: list[dict[str, torch.Tensor]] = []
+
+    def fake(module, **kwargs):
+        started.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return real(module, **kwargs)
+
+    return fake, started
+
+
+@pytest.mark.parametrize("finetune_from", ["svd", "search"])
+def test_fine_tunes_start_from_the_factors_asked_for(tmp_path: Path, monkeypatch, finetune_from: str) -> None:
+    fake, started = _recording_finetune()
+    monkeypatch.setattr(_compress, "finetune", fake)
+    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_finetunes=1, finetune_from=finetune_from,
+                                   **FAST)
+    module, _, _ = _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    tried = next(c for c in (*result.search.uniform, *result.search.pareto)
+                 if c.trial == result.report["attempts"][0]["trial"])
+    plain = lrsearch.Decomposition(module, method="svd").build(dict(tried.ranks), schemes=tried.schemes)
+    expected = plain if finetune_from == "svd" else result.search.build(tried)
+    other = result.search.build(tried) if finetune_from == "svd" else plain
+    state = started[0]
+    assert state.keys() == expected.state_dict().keys()
+    assert all(torch.allclose(state[k], v, atol=1e-5) for k, v in expected.state_dict().items())
+    assert not all(torch.allclose(state[k], v, atol=1e-5) for k, v in other.state_dict().items())

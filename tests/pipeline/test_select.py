@@ -1,4 +1,4 @@
-"""Fine-tuning-aware selection: the bisection along the front, and the three data roles."""
+"""Fine-tuning-aware selection: the bisection, and the uniform ladder then the cheaper front."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lrsearch.pipeline._select import Bisection
+from lrsearch.pipeline._select import Bisection, Selection
 
 
 def _judge(holds_from: int, tried: list[int]):
@@ -65,3 +65,78 @@ def test_empty_front_fine_tunes_nothing() -> None:
 def test_limit_is_validated(limit) -> None:
     with pytest.raises(ValueError, match="max_finetunes"):
         Bisection([1, 2], max_finetunes=limit)
+
+
+LADDER = [("uniform", rank, rank * 10) for rank in (8, 16, 24, 32, 48, 64, 96, 128)]  # (family, rank, cost)
+
+
+def _cost(candidate: tuple[str, int, int]) -> float:
+    return candidate[2]
+
+
+def _recording(holds, tried: list) -> object:
+    def judge(candidate) -> bool:
+        assert candidate not in tried, "a candidate is never fine-tuned twice"
+        tried.append(candidate)
+        return holds(candidate)
+    return judge
+
+
+def test_the_ladder_is_bisected_first_then_only_cheaper_front_candidates() -> None:
+    front = [("front", 0, cost) for cost in (50, 150, 250, 300, 400, 900)]
+    tried: list = []
+    best, verdicts = Selection(LADDER, front, _cost, max_finetunes=6).run(
+        _recording(lambda c: c[1] >= 32 if c[0] == "uniform" else c[2] >= 250, tried))
+    ladder_tried = [c for c in tried if c[0] == "uniform"]
+    assert tried[:len(ladder_tried)] == ladder_tried                  # the ladder comes first
+    assert ("uniform", 32, 320) in ladder_tried and ("uniform", 24, 240) in ladder_tried
+    assert all(c[2] < 320 for c in tried if c[0] == "front")          # then only what beats its winner
+    assert best is not None and best.candidate == ("front", 0, 250)   # the cheapest that held
+    assert len(verdicts) == len(tried) <= 6
+
+
+def test_the_ladders_winner_stands_when_nothing_cheaper_holds() -> None:
+    front = [("front", 0, cost) for cost in (50, 100, 200, 900)]
+    tried: list = []
+    best, _ = Selection(LADDER, front, _cost, max_finetunes=6).run(
+        _recording(lambda c: c[0] == "uniform" and c[1] >= 48, tried))
+    assert best is not None and best.candidate == ("uniform", 48, 480)
+    assert ("front", 0, 900) not in tried                             # dearer than the winner: never tried
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 6, 10])
+def test_stays_within_its_limit_and_leaves_the_front_two_fine_tunes(limit: int) -> None:
+    front = [("front", 0, cost) for cost in range(5, 400, 5)]
+    tried: list = []
+    Selection(LADDER, front, _cost, max_finetunes=limit).run(_recording(lambda c: c[2] >= 150, tried))
+    assert 1 <= len(tried) <= limit
+    if limit >= 3:
+        assert sum(c[0] == "front" for c in tried) >= min(2, limit - 1)
+
+
+def test_rungs_on_the_front_are_left_to_the_ladder() -> None:
+    front = [LADDER[0], ("front", 0, 100), LADDER[3], ("front", 0, 500)]
+    tried: list = []
+    best, _ = Selection(LADDER, front, _cost, max_finetunes=8).run(_recording(lambda c: c[2] >= 320, tried))
+    assert tried.count(LADDER[3]) == 1
+    assert LADDER[0] not in tried              # narrower than a rung that failed: settled by the ladder
+    assert ("front", 0, 100) in tried and best is not None and best.candidate == LADDER[3]
+
+
+def test_without_a_ladder_the_front_is_bisected_alone() -> None:
+    front = [("front", 0, cost) for cost in range(10)]
+    tried: list = []
+    best, _ = Selection([], front, _cost, max_finetunes=6).run(_recording(lambda c: c[2] >= 6, tried))
+    assert best is not None and best.candidate == ("front", 0, 6) and tried[0] == ("front", 0, 4)
+
+
+def test_when_no_rung_holds_the_whole_front_is_open() -> None:
+    front = [("front", 0, cost) for cost in (2000, 3000)]
+    tried: list = []
+    best, _ = Selection(LADDER[:3], front, _cost, max_finetunes=6).run(_recording(lambda c: c[0] == "front", tried))
+    assert best is not None and best.candidate == ("front", 0, 2000)
+
+
+def test_selection_limit_is_validated() -> None:
+    with pytest.raises(ValueError, match="max_finetunes"):
+        Selection(LADDER, [], _cost, max_finetunes=0)

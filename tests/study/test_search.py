@@ -20,7 +20,7 @@ from lrsearch.study import CONSTRAINT, SearchConfig, SearchSpace, search
 from lrsearch.study import _study as study_module
 from lrsearch.study._space import param_name
 from lrsearch.study._stored_table import stored_latency_table
-from lrsearch.study._warmstart import warm_starts
+from lrsearch.study._warmstart import uniform_allocation, uniform_ranks, warm_starts
 
 FAST = {"n_trials": 8, "objective": "macs", "seed": 3}
 
@@ -89,7 +89,7 @@ def test_pareto_excludes_cheapest_infeasible_trial(tmp_path: Path) -> None:
             constraints={CONSTRAINT: drop - 0.005},
             user_attrs={"ranks": {} if rank == "dense" else {"a": rank}, "schemes": {}, "metric": 1 - drop,
                         "drop": drop, "params": macs, "macs": macs, "feasible": drop <= 0.005}))
-    front = study_module._feasible_pareto(study, "macs")
+    front = study_module._feasible_pareto(study_module._feasible_candidates(study), "macs")
     assert [c.trial for c in front] == [1, 2]  # trial 0 is cheapest but over budget
     assert study.best_trial.number == 1
 
@@ -107,6 +107,37 @@ def test_warm_starts_run_first_and_cost_no_extra_evaluation(trained, tmp_path: P
             space.layers[name].decode(choice)[1]))]
     assert all(t.params in expected for t in labelled)
     assert any(label.startswith("greedy") for label in (t.user_attrs["warm_start"] for t in labelled))
+
+
+def test_uniform_ladder_is_the_hand_methods_and_rounds_up(trained) -> None:
+    model, val = trained
+    space = SearchSpace.build(lrsearch.Decomposition(model, calibration=val))
+    ladder = uniform_ranks(space)
+    top = max(rank for layer in space.layers.values() for _, rank in layer.options.values())
+    assert ladder == [r for r in (8, 16, 24, 32, 48, 64, 96, 128) if r <= top]
+    for rank in ladder:
+        for name, choice in uniform_allocation(space, rank=rank).items():
+            options = space.layers[name].options
+            if choice == "dense":  # no choice of this layer is that wide: it stays dense
+                assert all(r < rank for _, r in options.values())
+            else:  # the narrowest choice at least that wide: the bottleneck never shrinks below the rung
+                assert options[choice][1] >= rank
+                assert not any(rank <= r < options[choice][1] for _, r in options.values())
+
+
+def test_search_result_holds_the_feasible_uniform_rungs_narrowest_first(trained, tmp_path: Path) -> None:
+    model, val = trained
+    result = search(model, val, budget="30%", run_dir=str(tmp_path), **{**FAST, "n_trials": 20})
+    space = result.space
+    rungs = [SearchSpace.key(space.params(uniform_allocation(space, rank=rank))) for rank in uniform_ranks(space)]
+    trials = _study(result).trials
+    feasible = {SearchSpace.key(t.params) for t in trials
+                if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")}
+    expected = list(dict.fromkeys(key for key in rungs if key in feasible))  # ladder order, each once
+    assert len(expected) >= 2, "a 30 % constraint must leave several rungs feasible"
+    key_of = {t.number: SearchSpace.key(t.params) for t in trials}
+    assert [key_of[c.trial] for c in result.uniform] == expected
+    assert all(c.drop <= result.allowed_drop for c in result.uniform)
 
 
 def test_resume_keeps_finished_trials(trained, tmp_path: Path) -> None:
