@@ -67,18 +67,19 @@ class NoLinearClassifier(TinyClassifier):
 class TinyData(pl.LightningDataModule):
     """1024 training, 512 validation and 256 test samples of a 4-class rule on 16 inputs.
 
-    ``empty_val`` makes the validation loader yield no batch.
+    ``empty_val`` makes the validation loader yield no batch; ``num_workers`` loader processes
+    load every split (a terminal's Ctrl-C reaches them too).
     """
 
-    def __init__(self, batch_size: int = 128, empty_val: bool = False) -> None:
+    def __init__(self, batch_size: int = 128, empty_val: bool = False, num_workers: int = 0) -> None:
         super().__init__()
         x = torch.randn(1792, 16, generator=torch.Generator().manual_seed(0))
         self.x, self.y = x, (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
-        self.batch_size, self.empty_val = batch_size, empty_val
+        self.batch_size, self.empty_val, self.num_workers = batch_size, empty_val, num_workers
 
     def _loader(self, start: int, stop: int, *, shuffle: bool = False) -> DataLoader:
         data = TensorDataset(self.x[start:stop], self.y[start:stop])
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(0))
 
     def train_dataloader(self) -> DataLoader:
