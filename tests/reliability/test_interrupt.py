@@ -3,9 +3,10 @@
 In-process and deterministic: the signal is sent from inside a trial and from between trials
 (Optuna's bookkeeping), from inside a Lightning fine-tune, and while the result files are written.
 Through the command line, as a user presses Ctrl-C: ``lrsearch tune`` in a subprocess gets SIGINT
-while it measures the latency table (profiling, before any trial) and while it fine-tunes; it must
-exit with status 130 and one line saying how to resume, leave no half-written file and the user's
-checkpoint untouched, and the same command must then finish the same study.
+while it measures the latency table (profiling, before any trial) and while it fine-tunes, and, as
+a terminal sends it, to its whole process group (DataLoader workers too) at every moment of a
+fine-tune; it must exit with status 130 and one line saying how to resume, leave no half-written
+file and the user's checkpoint untouched, and the same command must then finish the same study.
 """
 
 from __future__ import annotations
@@ -337,3 +338,49 @@ def test_cli_ctrl_c_while_fine_tuning_saves_nothing_and_the_same_study_resumes(t
     assert _finished_trials(run_dir) == searched
     assert {"model/recipe.json", "compressed.ckpt", "report.json", "report.html"} <= _files(run_dir)
     assert checkpoint.read_bytes() == tiny_checkpoint.read_bytes()
+
+
+def _until_it_presses_ctrl_c(folder: Path, argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in a session of its own, as a terminal runs a command, until it has pressed
+    Ctrl-C for its process group (``TinyClassifier(interrupt_group=True)``); status and stderr."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    err = folder / "stderr.txt"
+    with err.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "lrsearch", *argv], cwd=ROOT, env=env, start_new_session=True,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    return status, err.read_text()
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_to_the_process_group_during_a_fine_tune(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """With two DataLoader workers, which get the signal too: in the first training batch, in a
+    finalizer during the validation loop, and in the scoring after the fit (the in-process tests
+    above take every moment). Each run resumes the study of the last."""
+    checkpoint = (tmp_path / "tiny.ckpt")
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    run_dir = tmp_path / "run"
+    argv = _tune(tmp_path, "--search.objective", "macs", "--finetune.epochs", "1", "--max_finetunes", "1",
+                 "--data.num_workers", "2", "--model.interrupt_group", "true")
+    study = sqlite_url(run_dir / "search" / "study.db")
+    line = (f"lrsearch tune: interrupted after the search; re-run the same command to resume: study 'lrsearch' at "
+            f"{study} keeps its trials, so only fine-tuning and verification run again")
+    searched = None
+    for moment, in_finalizer in (("train", "false"), ("validation", "true"), ("score", "false")):
+        status, stderr = _until_it_presses_ctrl_c(tmp_path, [*argv, "--model.interrupt_at", moment,
+                                                             "--model.interrupt_in_finalizer", in_finalizer])
+        _check_one_line(status, stderr, line)
+        assert _files(run_dir) == {"search", "search/study.db", "search/search-result.json"}, moment
+        searched = searched or _finished_trials(run_dir)
+        assert len(searched) == 4 and _finished_trials(run_dir) == searched, moment
+    assert checkpoint.read_bytes() == tiny_checkpoint.read_bytes()
+
+    assert cli.main(argv) in (cli.EXIT_OK, cli.EXIT_MISSED)  # the same command, uninterrupted
+    assert _finished_trials(run_dir) == searched
+    assert {"report.json", "report.html"} <= _files(run_dir)
