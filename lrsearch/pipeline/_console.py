@@ -124,9 +124,11 @@ def _resend_swallowed_ctrl_c(unraisable: Any) -> None:
 
 
 def _interrupt_main_after_the_hook() -> None:
+    """Interrupt the main thread once the hook has returned, if the run is still on (not after it)."""
     while _CtrlCState.in_hook:
         time.sleep(0.001)
-    _thread.interrupt_main(signal.SIGINT)
+    if _CtrlCState.depth:
+        _thread.interrupt_main(signal.SIGINT)
 
 
 def _block_ctrl_c_for_the_child() -> None:
