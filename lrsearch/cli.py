@@ -97,17 +97,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_IO
         except LrSearchError as error:
             return _fail(args.command, str(error))
-        except Interrupted as interrupt:  # the message says how to resume
-            print(f"{PROG} {args.command}: {interrupt}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        except KeyboardInterrupt:  # before the search began: nothing to resume
-            print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+        except KeyboardInterrupt as interrupt:
+            return _interrupted(args.command, interrupt)
         except Exception as error:  # noqa: BLE001 - a bug or an unforeseen failure: one line, the rest in a log
             log = _traceback_log(getattr(args[args.command], "run_dir", None))
             print(f"{PROG} {args.command}: internal error: {type(error).__name__}: {one_line(str(error))} "
                   f"(traceback in {log}; please report it)", file=sys.stderr)
             return EXIT_INTERNAL
+
+
+def _interrupted(command: str, interrupt: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line, the last thing the command prints, saying how to resume.
+
+    The message is that of the :class:`Interrupted` the run raised, also when a second Ctrl-C
+    came while the first was unwinding (it then leads the chain of exceptions); before the run
+    could say more, just "interrupted". While the line is printed, Ctrl-C is ignored, and what
+    the interrupt cut short (a DataLoader iterator that was starting its workers, say) is
+    collected first, so that its finalizer's complaint does not follow the line.
+    """
+    import gc
+    import signal
+    import threading
+    import traceback
+
+    chain: list[BaseException] = []
+    error: BaseException | None = interrupt
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    message = next((str(error) for error in chain if isinstance(error, Interrupted)), "interrupted")
+    ignoring = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignoring else None
+    hook, sys.unraisablehook = sys.unraisablehook, lambda _unraisable: None
+    try:
+        for error in chain:
+            traceback.clear_frames(error.__traceback__)
+        del error, chain, interrupt
+        gc.collect()
+        print(f"{PROG} {command}: {message}", file=sys.stderr, flush=True)
+    finally:
+        sys.unraisablehook = hook
+        if ignoring:
+            signal.signal(signal.SIGINT, previous)
+    return EXIT_INTERRUPTED
 
 
 def _traceback_log(run_dir: str | None) -> Path:

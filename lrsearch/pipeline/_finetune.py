@@ -298,16 +298,31 @@ def _fit(trainer: Any, module: Any, **data: Any) -> None:
 
     Lightning catches Ctrl-C itself and tears the fit down; then recent versions call
     ``sys.exit(1)`` and older ones return as if the fit had finished, with ``trainer.interrupted``
-    set. Either way a half-trained module must not pass for a fine-tuned one.
+    set. Either way a half-trained module must not pass for a fine-tuned one. A teardown that
+    fails after Ctrl-C (a DataLoader cut short while it started its workers) is the Ctrl-C too.
     """
     try:
         trainer.fit(module, **data)
-    except SystemExit as exit_:
-        if isinstance(exit_.__context__, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
+        if _after_ctrl_c(error):
             raise KeyboardInterrupt from None
         raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+
+
+def _after_ctrl_c(error: BaseException) -> bool:
+    """Whether ``error`` was raised while a KeyboardInterrupt was being handled (Lightning's exit is)."""
+    seen: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.append(cause)
+        cause = cause.__context__
+    return False
 
 
 def _check_data(namespace: ModuleType, module: Any, datamodule: Any, train_dataloaders: Any,

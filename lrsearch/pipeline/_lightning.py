@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,6 +90,49 @@ def clone_module(module: ModuleT) -> ModuleT:
     return clone
 
 
+_NOT_REGULAR = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+# torch.save's zip archive; the pickle (protocol 2 or later) of torch before 1.6 and of _use_new_zipfile_serialization=False
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+_EXPECTED_CHECKPOINT = "a file written by Lightning (trainer.save_checkpoint, ModelCheckpoint) or torch.save"
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """Say what ``path`` is when it is no checkpoint file: missing, a folder, a device, empty."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise RecipeError(format_problem(
+            f"checkpoint not found: {path}", expected=_EXPECTED_CHECKPOINT,
+            hint=f"check the path (a relative one starts in {Path.cwd()}).")) from None
+    except OSError as error:  # a parent that is not a folder, no search permission, a name too long
+        raise RecipeError(format_problem(f"cannot reach the checkpoint {path}: {error.strerror or error}",
+                                         expected=_EXPECTED_CHECKPOINT)) from error
+    if stat.S_ISDIR(mode):
+        inside = sorted(str(child) for child in path.glob("*.ckpt"))[:3]
+        raise RecipeError(format_problem(
+            f"checkpoint {path} is a folder, not a file", expected=_EXPECTED_CHECKPOINT,
+            hint=f"pass one of the checkpoints in it: {', '.join(inside)}." if inside else
+            "pass the checkpoint file itself, not the folder that holds it."))
+    kind = next((what for test, what in _NOT_REGULAR if test(mode)), None)
+    if kind is not None:
+        raise RecipeError(format_problem(f"checkpoint {path} is not a regular file but {kind}",
+                                         expected=_EXPECTED_CHECKPOINT, hint="pass the checkpoint file itself."))
+    if path.stat().st_size == 0:
+        raise RecipeError(format_problem(f"checkpoint {path} is empty (0 bytes)", expected=_EXPECTED_CHECKPOINT,
+                                         hint="a write that failed or was cut short leaves an empty file; "
+                                              "pass the checkpoint again from where it was saved."))
+
+
+def _check_torch_save_format(path: Path, head: bytes) -> None:
+    """torch.save writes a zip archive (a pickle before torch 1.6): anything else is some other file."""
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise RecipeError(format_problem(
+            f"{path} is not a checkpoint: it was not written by torch.save", expected=_EXPECTED_CHECKPOINT,
+            given=f"a file that begins with {head!r}",
+            hint="pass the .ckpt file Lightning saved; a config or log file is no checkpoint."))
+
+
 def load_weights(module: nn.Module, path: str | os.PathLike[str]) -> None:
     """Weights of a Lightning checkpoint (``state_dict`` key) or a plain state_dict file, loaded strictly.
 
@@ -96,18 +140,29 @@ def load_weights(module: nn.Module, path: str | os.PathLike[str]) -> None:
     way the file can be unusable is a :class:`~lrsearch.RecipeError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"checkpoint {path} is a folder, not a file" if path.is_dir()
-                          else f"checkpoint not found: {path}")
+    _check_checkpoint_file(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as handle:
+            _check_torch_save_format(path, handle.read(16))
+            handle.seek(0)
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
+    except PermissionError as error:
+        raise RecipeError(format_problem(
+            f"cannot read the checkpoint {path}: permission denied",
+            hint="make the file readable by this user (chmod u+r), or pass a copy you can read.")) from error
+    except RecipeError:
+        raise
     except Exception as error:  # torch raises many types for unreadable files; all mean "cannot read"
         first_line = str(error).splitlines()[0] if str(error) else repr(error)
-        raise RecipeError(f"cannot read the checkpoint {path}: it is truncated, corrupted or not written by "
-                          f"torch.save ({first_line})") from error
+        raise RecipeError(f"cannot read the checkpoint {path}: it is truncated or corrupted ({first_line})") \
+            from error
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RecipeError(f"{path} is neither a Lightning checkpoint nor a state_dict.")
+        raise RecipeError(format_problem(
+            f"{path} is neither a Lightning checkpoint nor a state_dict",
+            expected="a dict of tensors, or a dict whose 'state_dict' holds them",
+            given=f"a {type(checkpoint).__qualname__}" if state is None else "a dict whose values are not all tensors",
+            hint="pass the checkpoint Lightning saved (a .ckpt file), or torch.save(model.state_dict(), path)."))
     if CHECKPOINT_KEY in checkpoint:
         on_load_checkpoint(module, checkpoint)  # an already-compressed checkpoint: restructure first
     try:

@@ -8,75 +8,43 @@ another baseline), so both take the data the same way, through :func:`resolve_da
 
 With ``objective="latency"`` the study's latency table decides which ranks every layer may
 take, and workers that measured their own tables would offer different choices for the same
-parameter (Optuna then fails the trial). So worker 0 measures and stores the table, and the
-other workers wait until it is in the study.
+parameter (Optuna then fails the trial). So the table is measured under the storage's lock
+(:func:`lrsearch.study._storage.storage_lock`): the first worker to need it measures and stores
+it while the others wait for the lock, then read it from the study; a worker killed while
+measuring releases the lock, and the next one measures instead.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import optuna
 from torch import nn
 
-from lrsearch._errors import LrSearchError, format_problem
+from lrsearch._errors import format_problem
 from lrsearch.pipeline._console import run_console
 from lrsearch.pipeline._spec import RunSpec
-from lrsearch.study import SearchConfig, SearchResult
+from lrsearch.study import SearchResult
 from lrsearch.study._storage import StorageError, open_storage, redacted, storage_file
-from lrsearch.study._study import ATTR
 from lrsearch.study._zombies import counted_trials as study_trials
 
 __all__ = ["check_study_exists", "counted_trials", "search_worker"]
 
-_logger = logging.getLogger("lrsearch")
-
 
 def search_worker(module: nn.Module, spec: RunSpec | None = None, *, datamodule: Any = None,
                   train_dataloaders: Any = None, val_dataloaders: Any = None, test_dataloaders: Any = None,
-                  wait_seconds: float = 1800.0, **options: Any) -> SearchResult:
+                  **options: Any) -> SearchResult:
     """Search ranks of ``module`` as :func:`compress` would, without fine-tuning or saving a model.
 
     Takes the same spec and data as :func:`compress`. Give every worker the same
-    ``search.storage`` and ``study_name`` and its own ``worker_index``. Worker 0 creates the
-    study; with ``objective="latency"`` the others wait up to ``wait_seconds`` for its latency
-    table. Writes the latency table and ``search-result.json`` into ``RUN_DIR/search``, as
-    ``compress`` does.
+    ``search.storage`` and ``study_name`` and its own ``worker_index``; start them in any order.
+    Writes the latency table and ``search-result.json`` into ``RUN_DIR/search``, as ``compress`` does.
     """
     run = RunSpec.build(spec, options).resolve()
     with run_console(verbose=run.spec.verbose):
         data = run.data(datamodule=datamodule, train_dataloaders=train_dataloaders,
                         val_dataloaders=val_dataloaders, test_dataloaders=test_dataloaders)
-        if run.search.worker_index > 0 and run.search.objective == "latency":
-            _wait_for_latency_table(run.search, wait_seconds)
         return run.run_search(module, data)
-
-
-def _wait_for_latency_table(config: SearchConfig, wait_seconds: float, *, poll_seconds: float = 1.0) -> None:
-    """Block until worker 0 has stored the study's latency table (its search space)."""
-    url = config.storage_url
-    storage = open_storage(url, heartbeat_interval=None)
-    deadline = time.monotonic() + wait_seconds
-    announced = False
-    while True:
-        try:
-            study = optuna.load_study(study_name=config.study_name, storage=storage)
-            if ATTR + "latency_table" in study.user_attrs:
-                return
-        except KeyError:  # worker 0 has not created the study yet
-            pass
-        if time.monotonic() >= deadline:
-            raise LrSearchError(format_problem(
-                f"Worker {config.worker_index} waited {wait_seconds:g} s for worker 0 to store the latency "
-                f"table of study {config.study_name!r} in {url}",
-                hint="start a worker with worker_index=0 on the same storage and study_name."))
-        if not announced:
-            _logger.info("worker %d waits for worker 0 to measure the latency table of study %r",
-                         config.worker_index, config.study_name)
-            announced = True
-        time.sleep(poll_seconds)
 
 
 def check_study_exists(storage_url: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 import lrsearch
@@ -137,7 +138,14 @@ BAD: dict[str, tuple[list[str], str]] = {
     "not a LightningModule": (["tune", "--model", "torch.nn.Linear"], "not a LightningModule"),
     "model without data": (["tune", "--model", "lrsearch.demo.lightning.Mnist1dClassifier"], "data is not"),
     "missing checkpoint": (["tune", *MODEL, "--ckpt_path", "no/such.ckpt"], "checkpoint not found"),
-    "unreadable checkpoint": (["tune", *MODEL, "--ckpt_path", "{text}"], "cannot read the checkpoint"),
+    "checkpoint is /dev/null": (["tune", *MODEL, "--ckpt_path", "/dev/null"],
+                                "is not a regular file but a character device"),
+    "checkpoint is a folder": (["tune", *MODEL, "--ckpt_path", "{tmp}"], "is a folder, not a file"),
+    "empty checkpoint": (["tune", *MODEL, "--ckpt_path", "{empty}"], "is empty (0 bytes)"),
+    "unreadable checkpoint": (["tune", *MODEL, "--ckpt_path", "{unreadable}"], "permission denied"),
+    "text file as checkpoint": (["tune", *MODEL, "--ckpt_path", "{text}"], "not written by torch.save"),
+    "truncated checkpoint": (["tune", *MODEL, "--ckpt_path", "{truncated}"], "it is truncated or corrupted"),
+    "checkpoint of a list": (["tune", *MODEL, "--ckpt_path", "{list}"], "neither a Lightning checkpoint nor"),
     "bad sampler": (["tune", "--search.sampler", "annealing"], "search.sampler"),
     "bad finetune value": (["tune", "--finetune.alpha", "2"], "alpha"),
     "unreachable storage": (["worker", "--storage", "postgresql://nobody@127.0.0.1:9/none"], "storage"),
@@ -152,12 +160,24 @@ BAD: dict[str, tuple[list[str], str]] = {
 IN_SUBPROCESS = ("budget", "missing config")
 
 
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    """Files that are no checkpoint: empty, unreadable, text, a cut-off torch.save, a saved list."""
+    files = {name: tmp / f"{name}.ckpt" for name in ("empty", "unreadable", "text", "truncated", "list")}
+    files["empty"].write_bytes(b"")
+    torch.save({"state_dict": {"w": torch.zeros(8, 8)}}, files["unreadable"])
+    files["unreadable"].chmod(0)
+    files["text"].write_text("budget: 1%\n")
+    torch.save({"state_dict": {"w": torch.zeros(8, 8)}}, files["truncated"])
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:200])
+    torch.save([1, 2], files["list"])
+    return files
+
+
 def _argv(case: str, tmp: Path) -> tuple[list[str], Path]:
-    text = tmp / "not-a-checkpoint.ckpt"
-    text.write_text("budget: 1%\n")
+    files = _bad_files(tmp)
     args, _ = BAD[case]
-    run_dir = tmp / case.replace(" ", "-") / "run"
-    argv = [a.format(tmp=tmp, text=text) for a in args]
+    run_dir = tmp / case.replace(" ", "-").replace("/", "") / "run"
+    argv = [a.format(tmp=tmp, **files) for a in args]
     if argv[0] in cli._JOB_COMMANDS:
         argv += ["--run_dir", str(run_dir)]
     return argv, run_dir
@@ -195,7 +215,12 @@ def test_bad_input_subprocess(bad_subprocesses, case: str) -> None:
     _check_bad(case, *bad_subprocesses[case])
 
 
-@pytest.mark.parametrize("case", [case for case in BAD if case not in IN_SUBPROCESS])
+_ROOT_READS_ANYTHING = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                                          reason="root may read a file without read permission")
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=_ROOT_READS_ANYTHING) if case == "unreadable checkpoint"
+                                  else case for case in BAD if case not in IN_SUBPROCESS])
 def test_bad_input_in_process(case: str, tmp_path: Path, capsys) -> None:
     argv, run_dir = _argv(case, tmp_path)
     status = cli.main(argv)

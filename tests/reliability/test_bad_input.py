@@ -114,7 +114,7 @@ CLI_CASES: list[Any] = [
     pytest.param([*MODEL, "--ckpt_path", "{tmp}/missing.ckpt"], "checkpoint not found", id="checkpoint missing"),
     pytest.param([*MODEL, "--ckpt_path", "{tmp}"], "is a folder", id="checkpoint is a folder"),
     pytest.param([*MODEL, "--ckpt_path", "{truncated_ckpt}"], "truncated", id="checkpoint truncated"),
-    pytest.param([*MODEL, "--ckpt_path", "{empty_ckpt}"], "truncated", id="checkpoint empty"),
+    pytest.param([*MODEL, "--ckpt_path", "{empty_ckpt}"], "is empty (0 bytes)", id="checkpoint empty"),
     pytest.param([*MODEL, "--ckpt_path", "{wrong_arch_ckpt}"], "does not fit TinyClassifier",
                  id="checkpoint of another architecture"),
     pytest.param([*MODEL, "--ckpt_path", "{compressed_wrong_arch_ckpt}"], "does not fit the model",

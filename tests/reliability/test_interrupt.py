@@ -3,9 +3,10 @@
 In-process and deterministic: the signal is sent from inside a trial and from between trials
 (Optuna's bookkeeping), from inside a Lightning fine-tune, and while the result files are written.
 Through the command line, as a user presses Ctrl-C: ``lrsearch tune`` in a subprocess gets SIGINT
-while it measures the latency table (profiling, before any trial) and while it fine-tunes; it must
-exit with status 130 and one line saying how to resume, leave no half-written file and the user's
-checkpoint untouched, and the same command must then finish the same study.
+while it measures the latency table (profiling, before any trial) and while it fine-tunes, and, as
+a terminal sends it, to its whole process group (DataLoader workers too) at every moment of a
+fine-tune; it must exit with status 130 and one line saying how to resume, leave no half-written
+file and the user's checkpoint untouched, and the same command must then finish the same study.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from optuna.trial import TrialState
 from pytorch_lightning.trainer.states import TrainerStatus
 
 import lrsearch
+from lrsearch import _runlock as runlock
 from lrsearch import cli
 from lrsearch._errors import Interrupted
 from lrsearch.pipeline import FinetuneConfig
@@ -36,7 +38,7 @@ from lrsearch.pipeline import _compress as compress_module
 from lrsearch.pipeline._finetune import finetune
 from lrsearch.study import SearchConfig, open_storage, search, sqlite_url
 from lrsearch.study._objective import Objective
-from tests.reliability._lit import TinyClassifier, TinyData
+from tests.reliability._lit import MOMENTS, TinyClassifier, TinyData, in_a_finalizer, press_ctrl_c
 
 OPTIONS = {"budget": "1%", "objective": "macs", "n_trials": 8, "study_name": "ctrl-c"}
 
@@ -141,6 +143,69 @@ def test_ctrl_c_in_a_fine_tune_raises_keyboard_interrupt_and_restores_the_handle
     assert type(raised.value) is KeyboardInterrupt
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not list(tmp_path.iterdir())
+
+
+def _compress_tiny(tiny_checkpoint: Path, run_dir: Path, **module_args: Any) -> lrsearch.CompressionResult:
+    """``compress`` of the tiny trained module: 4 search trials, then one-epoch fine-tunes."""
+    module = TinyClassifier(**module_args)
+    module.load_state_dict(torch.load(tiny_checkpoint, weights_only=True)["state_dict"])
+    return lrsearch.compress(module, budget="10%", run_dir=run_dir, datamodule=TinyData(),
+                             search=SearchConfig(objective="macs", n_trials=4),
+                             finetune=FinetuneConfig(epochs=1, progress=False, accelerator="cpu"))
+
+
+@pytest.mark.parametrize("in_finalizer", [False, True], ids=["in the step", "in a finalizer"])
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_ctrl_c_at_any_moment_of_a_fine_tune_stops_the_compression(moment: str, in_finalizer: bool,
+                                                                   tiny_checkpoint: Path, tmp_path: Path,
+                                                                   capfd) -> None:
+    """In a training or validation batch, an optimizer step, the end of the fit or the scoring
+    after it; and also where Python would only print the interrupt and go on (a finalizer, such
+    as a DataLoader iterator's ``__del__`` joining its workers): the run stops, quietly."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted, match="interrupted after the search; re-run the same command"):
+        _compress_tiny(tiny_checkpoint, run_dir, interrupt_at=moment, interrupt_in_finalizer=in_finalizer)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert not {"report.json", "compressed.ckpt", "model"} & {p.name for p in run_dir.iterdir()}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_finalizer_while_the_report_measures_latency_stops_before_saving(tiny_checkpoint: Path,
+                                                                                     tmp_path: Path,
+                                                                                     monkeypatch, capfd) -> None:
+    original = compress_module.build_report
+
+    def build_report_after_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        in_a_finalizer(press_ctrl_c)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "build_report", build_report_after_ctrl_c)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted, match="interrupted after the search"):
+        _compress_tiny(tiny_checkpoint, run_dir)
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert not (run_dir / "report.json").exists()
+
+
+def test_a_second_ctrl_c_while_the_first_unwinds_keeps_its_one_line(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch, capsys) -> None:
+    """The second lands while the run folder's lock is released: the line still says how to resume."""
+    original = runlock._release
+
+    def release_after_ctrl_c(path: Path, fd: int) -> None:
+        if path.name == runlock.LOCK_NAME:  # the run folder's, not the study's lock
+            press_ctrl_c()
+        original(path, fd)
+
+    monkeypatch.setattr(runlock, "_release", release_after_ctrl_c)
+    (tmp_path / "tiny.ckpt").write_bytes(tiny_checkpoint.read_bytes())
+    argv = _tune(tmp_path, "--model.interrupt_at", "train", "--search.objective", "macs", "--finetune.epochs", "1")
+    assert cli.main(argv) == cli.EXIT_INTERRUPTED
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines[-1].startswith("lrsearch tune: interrupted after the search; re-run the same command to resume")
+    assert len([line for line in lines if "interrupted" in line]) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_ctrl_c_while_the_result_is_saved_waits_until_every_file_is_written(tiny_checkpoint: Path, tmp_path: Path,
@@ -273,3 +338,49 @@ def test_cli_ctrl_c_while_fine_tuning_saves_nothing_and_the_same_study_resumes(t
     assert _finished_trials(run_dir) == searched
     assert {"model/recipe.json", "compressed.ckpt", "report.json", "report.html"} <= _files(run_dir)
     assert checkpoint.read_bytes() == tiny_checkpoint.read_bytes()
+
+
+def _until_it_presses_ctrl_c(folder: Path, argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in a session of its own, as a terminal runs a command, until it has pressed
+    Ctrl-C for its process group (``TinyClassifier(interrupt_group=True)``); status and stderr."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    err = folder / "stderr.txt"
+    with err.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "lrsearch", *argv], cwd=ROOT, env=env, start_new_session=True,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    return status, err.read_text()
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_to_the_process_group_during_a_fine_tune(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """With two DataLoader workers, which get the signal too: in the first training batch, in a
+    finalizer during the validation loop, and in the scoring after the fit (the in-process tests
+    above take every moment). Each run resumes the study of the last."""
+    checkpoint = (tmp_path / "tiny.ckpt")
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    run_dir = tmp_path / "run"
+    argv = _tune(tmp_path, "--search.objective", "macs", "--finetune.epochs", "1", "--max_finetunes", "1",
+                 "--data.num_workers", "2", "--model.interrupt_group", "true")
+    study = sqlite_url(run_dir / "search" / "study.db")
+    line = (f"lrsearch tune: interrupted after the search; re-run the same command to resume: study 'lrsearch' at "
+            f"{study} keeps its trials, so only fine-tuning and verification run again")
+    searched = None
+    for moment, in_finalizer in (("train", "false"), ("validation", "true"), ("score", "false")):
+        status, stderr = _until_it_presses_ctrl_c(tmp_path, [*argv, "--model.interrupt_at", moment,
+                                                             "--model.interrupt_in_finalizer", in_finalizer])
+        _check_one_line(status, stderr, line)
+        assert _files(run_dir) == {"search", "search/study.db", "search/search-result.json"}, moment
+        searched = searched or _finished_trials(run_dir)
+        assert len(searched) == 4 and _finished_trials(run_dir) == searched, moment
+    assert checkpoint.read_bytes() == tiny_checkpoint.read_bytes()
+
+    assert cli.main(argv) in (cli.EXIT_OK, cli.EXIT_MISSED)  # the same command, uninterrupted
+    assert _finished_trials(run_dir) == searched
+    assert {"report.json", "report.html"} <= _files(run_dir)
