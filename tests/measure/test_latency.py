@@ -125,7 +125,10 @@ def test_explicit_ranks_and_conv_schemes() -> None:
     # A resolved Tucker-2 plan holds a clipped pair: (min(4, Cin=3), min(4, Cout=16)) = (3, 4).
     plan = decomposition.resolve({"conv": 4}, schemes={"conv": "tucker2"})
     assert plan == {"conv": ("tucker2", (3, 4))}
-    assert table.predict(plan) == table.dense_model + (conv.factorized["tucker2"][4] - conv.dense)
+    # Per-layer times that add up to more than the whole model (as on a busy machine) are scaled to fit it.
+    scale = min(1.0, table.dense_model / sum(layer.calls * layer.dense for layer in table.layers.values()))
+    assert table.predict(plan) == pytest.approx(
+        table.dense_model + scale * (conv.factorized["tucker2"][4] - conv.dense), rel=1e-12)
 
 
 def test_invalid_requests_fail_before_any_timing(mlp: MLP, monkeypatch: pytest.MonkeyPatch) -> None:
