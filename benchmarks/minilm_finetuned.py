@@ -181,6 +181,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     report = result.report
     final = report.get("final") or {}
+    dense_ms = report["dense"].get("predicted_latency_ms")
+    front = [{"trial": row["number"], "search_drop": row["drop"], "predicted_latency_ms": row["cost"],
+              "predicted_speedup": dense_ms / row["cost"] if dense_ms else None}
+             for row in report["trials"] if row["number"] in report["pareto"]]
     return {
         "environment": _environment(args), "seconds": round(seconds, 1), "meets_budget": result.meets_budget,
         "message": report["message"], "speedup": final.get("speedup"), "goal_speedup": 1.3,
@@ -190,35 +194,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "latency_batch_tokens": int(data["val"][0][0]["attention_mask"].shape[1]),
                  "scored": data["scored"], "splits": report.get("splits")},
         "dense": report["dense"], "final": report.get("final"), "deployment": report.get("deployment"),
+        "front": sorted(front, key=lambda row: row["predicted_latency_ms"]),
         "attempts": report["attempts"], "timing": report.get("timing"), "warnings": report.get("warnings"),
         "trial_counts": report.get("trial_counts")}
 
 
+def _number(value: Any, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(scale * value, spec)
+
+
 def markdown(figures: Mapping[str, Any]) -> str:
     final = figures["final"] or {}
-    env = figures["environment"]
+    env, dense, data = figures["environment"], figures["dense"], figures["data"]
     lines = [
         "# all-MiniLM-L6-v2, fine-tuned by feature distillation (lrsearch.compress)", "",
         f"{env['date']}, {env['cpu']}, {env['cores']} cores, one thread, torch {env['torch']}, "
-        f"Python {env['python']}; {figures['seconds'] / 60:.0f} min in all.", "",
+        f"Python {env['python']}; {figures['seconds'] / 60:.0f} min in all. Fine-tuning: "
+        f"{data['train_sentences']} docstring sentences (at most {data['train_tokens']} tokens), "
+        f"{env['options']['epochs']} epochs at lr {env['options']['lr'] * env['options']['lr_scale']:g}, "
+        f"cosine distillation; {env['options']['trials']} search trials.", "",
         f"Verdict: {figures['message']}", ""]
     if final:
         low, high = final["verify_drop_interval"]
         lines += [
             "| | original | compressed |", "|---|---|---|",
-            f"| latency at batch {figures['data']['batch']} (ms, interleaved) | {figures['dense']['latency_ms']:.1f} "
-            f"| {final['latency_ms']:.1f} |",
-            f"| speedup (measured / predicted) | 1 | **{final['speedup']:.3f}x** / {final['predicted_speedup']:.3f}x |",
-            f"| NN agreement, test | {100 * figures['dense']['verify_metric']:.2f} % | "
-            f"{100 * final['verify_metric']:.2f} % |",
-            f"| test drop (95 % interval) | | {100 * final['verify_drop']:.2f} pts "
+            f"| latency at batch {data['batch']} ({data['latency_batch_tokens']} tokens; ms, interleaved) | "
+            f"{_number(dense.get('latency_ms'), '.1f')} | {_number(final.get('latency_ms'), '.1f')} |",
+            f"| speedup, measured (predicted) | 1 | **{_number(final.get('speedup'), '.3f')}x** "
+            f"({_number(final.get('predicted_speedup'), '.3f')}x) |",
+            f"| NN agreement on test | {_number(dense.get('verify_metric'), '.2f', 100)} % | "
+            f"{_number(final.get('verify_metric'), '.2f', 100)} % |",
+            f"| test drop (95 % interval) | | {_number(final.get('verify_drop'), '.2f', 100)} points "
             f"({100 * low:.2f} to {100 * high:.2f}) |",
-            f"| parameters | {figures['dense']['params']:,} | {final['params']:,} |", ""]
-    lines += ["Fine-tuned candidates (bisection of the search's front, judged on the selection split):", "",
-              "| trial | search drop | selection drop | holds |", "|---|---|---|---|"]
+            f"| parameters | {dense['params']:,} | {final['params']:,} |", ""]
+    if figures.get("front"):
+        lines += ["The search's front (before fine-tuning; speedups predicted by the latency table):", "",
+                  "| trial | predicted speedup | search drop (points) |", "|---|---|---|"]
+        lines += [f"| {row['trial']} | {_number(row['predicted_speedup'], '.3f')}x | {100 * row['search_drop']:.2f} |"
+                  for row in figures["front"]]
+        lines.append("")
+    lines += ["Fine-tuned candidates, in the order the bisection of the search's front tried them:", "",
+              "| trial | search drop (points) | selection drop after fine-tuning (points) | holds |",
+              "|---|---|---|---|"]
     for attempt in figures["attempts"]:
         lines.append(f"| {attempt['trial']} | {100 * attempt['search_drop']:.2f} | {100 * attempt['select_drop']:.2f} "
-                     f"| {attempt['holds']} |")
+                     f"| {attempt['meets_budget']} |")
     goal = "met" if figures["goal_met"] else "missed"
     lines += ["", f"Goal (speedup >= {figures['goal_speedup']}x within the 0.5-point budget on held-out sentences): "
               f"**{goal}**.", ""]
@@ -229,13 +249,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="0.5%")
     parser.add_argument("--trials", type=int, default=60, help="search trials (default 60)")
-    parser.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per candidate (default 1)")
-    parser.add_argument("--lr", type=float, default=2e-5, help="the module's own AdamW learning rate")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate (default 2)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="the module's own AdamW learning rate (default 1e-4)")
     parser.add_argument("--lr-scale", type=float, default=1.0, help="FinetuneConfig.lr_scale (default 1)")
     parser.add_argument("--train-sentences", type=int, default=2048, help="docstring sentences to fine-tune on")
     parser.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
                         help="keep the encoder's dropout in the fine-tune (default: off, to match features exactly)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the Markdown next to a results JSON")
     parser.add_argument("--probe", action="store_true", help="only time one fine-tune and one evaluation")
     parser.add_argument("--probe-ranks", type=int, nargs="+", default=[128])
     parser.add_argument("--probe-lrs", type=float, nargs="+", default=[1e-4])
@@ -245,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", module="pytorch_lightning")
+    if args.render is not None:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return None
     if _minilm.minilm_available() is not None:
         raise SystemExit(f"MiniLM benchmark skipped: {_minilm.minilm_available()}")
     if args.probe:
