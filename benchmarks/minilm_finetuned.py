@@ -215,7 +215,9 @@ def markdown(figures: Mapping[str, Any]) -> str:
         f"cosine distillation; {env['options']['trials']} search trials.", "",
         f"Verdict: {figures['message']}", ""]
     if final:
-        low, high = final["verify_drop_interval"]
+        interval = final.get("verify_drop_interval")
+        spread = "n/a: the metric has no per-sample hits" if interval is None else \
+            f"{100 * interval[0]:.2f} to {100 * interval[1]:.2f}"
         lines += [
             "| | original | compressed |", "|---|---|---|",
             f"| latency at batch {data['batch']} ({data['latency_batch_tokens']} tokens; ms, interleaved) | "
@@ -224,8 +226,7 @@ def markdown(figures: Mapping[str, Any]) -> str:
             f"({_number(final.get('predicted_speedup'), '.3f')}x) |",
             f"| NN agreement on test | {_number(dense.get('verify_metric'), '.2f', 100)} % | "
             f"{_number(final.get('verify_metric'), '.2f', 100)} % |",
-            f"| test drop (95 % interval) | | {_number(final.get('verify_drop'), '.2f', 100)} points "
-            f"({100 * low:.2f} to {100 * high:.2f}) |",
+            f"| test drop (95 % interval) | | {_number(final.get('verify_drop'), '.2f', 100)} points ({spread}) |",
             f"| parameters | {dense['params']:,} | {final['params']:,} |", ""]
     if figures.get("front"):
         lines += ["The search's front (before fine-tuning; speedups predicted by the latency table):", "",
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--trials", type=int, default=60, help="search trials (default 60)")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per candidate (default 2)")
     parser.add_argument("--lr", type=float, default=1e-4, help="the module's own AdamW learning rate (default 1e-4)")
-    parser.add_argument("--lr-scale", type=float, default=1.0, help="FinetuneConfig.lr_scale (default 1)")
+    parser.add_argument("--lr-scale", type=float, default=0.1, help="FinetuneConfig.lr_scale (default 0.1, lrsearch's)")
     parser.add_argument("--train-sentences", type=int, default=2048, help="docstring sentences to fine-tune on")
     parser.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=False,
                         help="keep the encoder's dropout in the fine-tune (default: off, to match features exactly)")
