@@ -16,7 +16,7 @@ each. The speedup is the report's: lrsearch's interleaved timing of the original
 compressed model, in one process, on the first search batch (32 sentences near the median
 length).
 
-Run from the repository root (about 30 min on 2 cores)::
+Run from the repository root (18 min on the shared 2-core CPU)::
 
     OMP_NUM_THREADS=1 python benchmarks/minilm_finetuned.py
     OMP_NUM_THREADS=1 python benchmarks/minilm_finetuned.py --probe   # time one fine-tune and one evaluation
