@@ -17,9 +17,11 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lrsearch._errors import LrSearchError, format_problem
 from lrsearch.core._runtime import batch_size_of
@@ -60,8 +62,17 @@ def _implements(obj: Any, name: str) -> bool:
     return False
 
 
+def _is_batch(value: Any) -> bool:
+    """A ready batch (a tensor, a dict, or a tuple or list that starts with one), not a loader."""
+    if isinstance(value, (torch.Tensor, Mapping)):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (torch.Tensor, Mapping))
+
+
 def _first_loader(loaders: Any) -> Any:
-    if isinstance(loaders, (list, tuple)) and loaders and not hasattr(loaders, "_fields"):
+    """The loader to read: the first of several (as Lightning takes them), or a list of ready batches itself."""
+    if isinstance(loaders, (list, tuple)) and loaders and not hasattr(loaders, "_fields") \
+            and not _is_batch(loaders[0]):
         if len(loaders) > 1 and not isinstance(loaders[0], (list, tuple)):
             warnings.warn(f"{len(loaders)} dataloaders given; lrsearch uses the first one", UserWarning,
                           stacklevel=3)

@@ -187,6 +187,12 @@ def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path
                                        given=f"an object of type {type(config).__qualname__}"))
     _check_data(namespace, module, datamodule, train_dataloaders, val_dataloaders)
     distiller = _Distiller(module, teacher, config, forward) if config.distill else None
+    if distiller is None and type(module).training_step is namespace.LightningModule.training_step:
+        raise OptionError(format_problem(
+            f"{type(module).__qualname__} defines no training_step, and distillation is off",
+            expected="a training_step, or distillation to train on",
+            hint="use FinetuneConfig(distill='cosine') (or 'mse'; 'kl' for class scores): a module without a "
+                 "training_step is fine-tuned on the distillation term alone."))
     epochs = config.epochs or auto_epochs(_training_samples(module, datamodule, train_dataloaders))
     trainer = namespace.Trainer(**_trainer_arguments(namespace, config, root_dir=Path(root_dir), epochs=epochs,
                                                      inherited=inherited or {}, name=name))

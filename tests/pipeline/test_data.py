@@ -64,6 +64,17 @@ def test_without_a_test_split_validation_is_cut_three_ways() -> None:
     assert "held out" in data.test_split
 
 
+@pytest.mark.parametrize("as_dicts", [False, True])
+def test_a_list_of_ready_batches_is_one_loader_not_several(as_dicts: bool) -> None:
+    batches = [(torch.full((32, 4), float(i)), torch.full((32,), i, dtype=torch.long)) for i in range(10)]
+    if as_dicts:
+        batches = [{"x": x, "labels": y} for x, y in batches]
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.zeros(64, dtype=torch.long)), batch_size=32)
+    data = resolve_data(val_dataloaders=batches, test_dataloaders=[loader])
+    assert data.search + data.select == batches        # every batch, in order, none taken apart
+    assert len(data.test) == 2                          # a list of loaders still means its first loader
+
+
 def test_a_loader_larger_than_the_cap_is_cut_with_a_message(caplog) -> None:
     loader = DataLoader(TensorDataset(torch.randn(1000, 4), torch.zeros(1000, dtype=torch.long)), batch_size=100)
     with caplog.at_level(logging.WARNING, logger="lrsearch"):

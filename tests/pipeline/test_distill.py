@@ -368,3 +368,12 @@ def test_distilling_unlabeled_batches_recovers_a_factorized_models_features(tmp_
     assert factorized > 0.2  # measured 0.38
     assert cosine_distance(tuned.eval(), teacher, held_out) < 0.1 * factorized  # measured 0.02, on unseen batches
     assert "training_step" not in tuned.__dict__
+
+
+def test_a_module_without_training_step_and_without_distillation_is_refused(tmp_path: Path) -> None:
+    from lrsearch._checks import OptionError
+
+    student = Embedder(bert_encoder(**NO_DROPOUT_BERT))
+    with pytest.raises(OptionError, match=r"Embedder defines no training_step.*HINT: use FinetuneConfig\(distill='cosine'\)"):
+        finetune(student, teacher=None, root_dir=tmp_path, config=FinetuneConfig(distill=False, progress=False),
+                 train_dataloaders=unlabeled(batches=2, seed=0))
