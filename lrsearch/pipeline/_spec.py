@@ -97,7 +97,7 @@ class RunSpec:
         conv_scheme: how Conv2d layers factorize: channel or spatial, or a map from module name
             to scheme.
         finetune_from: the factors a candidate's fine-tune starts from: svd (plain SVD at the
-            candidate's ranks; on the MNIST-1D MLP it recovered 0.2-1.5 points more than
+            candidate's ranks; on the MNIST-1D MLP it recovered 0.4-1.5 points more than
             whitened factors of the same ranks) or search (the search's own factors).
         progress: show one progress bar over the search's trials.
         verbose: also show Optuna's per-trial log lines and warnings and Lightning's messages.
