@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from lrsearch.core import DENSE, Decomposition
-from lrsearch.study._space import Choice, SearchSpace
+from lrsearch.study._space import Choice, SearchSpace, ladder_ranks
 
 __all__ = ["GreedyBisection", "UNIFORM", "energy_allocation", "greedy_allocation", "kept_energy",
            "uniform_allocation", "uniform_ranks", "warm_starts"]
@@ -79,21 +79,9 @@ def energy_allocation(space: SearchSpace, kept: KeptEnergy, *, threshold: float)
 
 
 def uniform_ranks(space: SearchSpace) -> list[int]:
-    """The ranks a person tries by hand, one for every layer: 1, 2, 3, 4, 6, 8, 12, ... times the grid step.
-
-    Each rung is about 1.4x the last (the ladder 8, 16, 24, 32, 48, 64, 96, ... for a step of 8),
-    up to the largest rank any layer can take.
-    """
+    """The uniform ladder of ``space`` (:func:`ladder_ranks` on its grid), up to the largest rank any layer can take."""
     ranks = sorted({rank for layer in space.layers.values() for _, rank in layer.options.values()})
-    if not ranks:
-        return []
-    step = math.gcd(*ranks)
-    ladder: list[int] = []
-    power = 1
-    while power * step <= ranks[-1]:
-        ladder += [rung for rung in (power * step, 3 * power * step // 2) if rung <= ranks[-1] and rung % step == 0]
-        power *= 2
-    return sorted(set(ladder))
+    return ladder_ranks(math.gcd(*ranks), ranks[-1]) if ranks else []
 
 
 def uniform_allocation(space: SearchSpace, *, rank: int) -> dict[str, Choice]:

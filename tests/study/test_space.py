@@ -6,7 +6,11 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
+import torch
+
+from lrsearch.core import Decomposition
 from lrsearch.study import LayerSpace, SearchSpace, param_name
+from lrsearch.study._space import ladder_ranks
 
 RANKS = (8, 16, 24, 40, 96, 104, 120, 248)  # gaps, as the measured-faster filter leaves them
 
@@ -91,3 +95,21 @@ def test_an_enqueued_plain_choice_keeps_the_study_plain() -> None:
     matched = SPACE.matching(study.get_trials(deepcopy=False))
     assert matched.layers["fc1"].plain is True and matched.layers["fc2"].plain is False
     assert matched.params({"fc1": 24}) == {param_name("fc1"): 24, param_name("fc2"): "dense"}
+
+
+def test_a_layer_keeps_the_ladders_ranks_the_latency_table_found_no_faster() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64))
+    decomposition = Decomposition(model, method="svd")
+    faster = {"0": {8, 16}, "2": set()}  # layer 2: nothing is faster, so it is not searched at all
+    space = SearchSpace.build(decomposition, multiple=8, is_faster=lambda name, _scheme, rank: rank in faster[name])
+    ranks = sorted(rank for _, rank in space.layers["0"].options.values())
+    # 40 -> 512 breaks even at rank 37: the faster 8 and 16, and the rungs 24 and 32 measured no faster.
+    assert ranks == [8, 16, 24, 32]
+    assert "2" not in space.layers and "faster" in space.fixed_dense["2"]
+
+
+def test_ladder_ranks_step_up_by_about_1_4x() -> None:
+    assert ladder_ranks(8, 200) == [8, 16, 24, 32, 48, 64, 96, 128, 192]
+    assert ladder_ranks(16, 100) == [16, 32, 48, 64, 96]
+    assert ladder_ranks(8, 7) == []
