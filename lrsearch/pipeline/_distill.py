@@ -32,7 +32,7 @@ from lrsearch.core._runtime import (
     model_device,
     output_field,
 )
-from lrsearch.pipeline._lightning import namespace_of
+from lrsearch.pipeline._lightning import defines_training_step, namespace_of
 
 if TYPE_CHECKING:
     from lrsearch.pipeline._finetune import FinetuneConfig
@@ -96,7 +96,7 @@ class _Distiller:
                 "Distillation cannot see the batches of a training_step that takes dataloader_iter",
                 hint="use FinetuneConfig(distill=False)."))
         check_distill(config.distill)
-        self.alone = type(module).training_step is namespace_of(module).LightningModule.training_step
+        self.alone = not defines_training_step(module)
         if self.alone:
             _logger.info("%s defines no training_step: its fine-tune minimizes the distillation term alone "
                          "(%s; alpha does not apply), so its batches need no labels", type(module).__qualname__,

@@ -39,7 +39,7 @@ from lrsearch._errors import format_problem
 from lrsearch.core._runtime import ForwardFn, model_device
 from lrsearch.pipeline._data import DataError
 from lrsearch.pipeline._distill import DistillationError, DistillLoss, _Distiller, _distilling, check_distill
-from lrsearch.pipeline._lightning import namespace_of
+from lrsearch.pipeline._lightning import defines_training_step, namespace_of
 
 __all__ = ["DistillationError", "FinetuneConfig", "auto_epochs", "finetune"]
 
@@ -187,7 +187,7 @@ def finetune(module: ModuleT, *, teacher: nn.Module | None, root_dir: str | Path
                                        given=f"an object of type {type(config).__qualname__}"))
     _check_data(namespace, module, datamodule, train_dataloaders, val_dataloaders)
     distiller = _Distiller(module, teacher, config, forward) if config.distill else None
-    if distiller is None and type(module).training_step is namespace.LightningModule.training_step:
+    if distiller is None and not defines_training_step(module):
         raise OptionError(format_problem(
             f"{type(module).__qualname__} defines no training_step, and distillation is off",
             expected="a training_step, or distillation to train on",

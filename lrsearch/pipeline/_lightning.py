@@ -64,6 +64,11 @@ def namespace_of(module: object) -> ModuleType:
     return namespace
 
 
+def defines_training_step(module: object) -> bool:
+    """Whether ``module``'s class writes its own ``training_step`` (an embedding model may have none)."""
+    return type(module).training_step is not namespace_of(module).LightningModule.training_step
+
+
 def clone_module(module: ModuleT) -> ModuleT:
     """A deep copy of ``module`` that a fresh Trainer can fit, even if taken during a fit.
 

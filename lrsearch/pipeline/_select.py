@@ -32,6 +32,11 @@ __all__ = ["Bisection", "Selection", "Verdict"]
 CandidateT = TypeVar("CandidateT")
 
 
+def _check_limit(max_finetunes: object) -> None:
+    if isinstance(max_finetunes, bool) or not isinstance(max_finetunes, int) or max_finetunes < 1:
+        raise ValueError(f"max_finetunes must be an integer of at least 1 but got {max_finetunes!r}.")
+
+
 @dataclass(frozen=True)
 class Verdict(Generic[CandidateT]):
     """What fine-tuning one candidate gave on the selection split."""
@@ -53,9 +58,7 @@ class Bisection(Generic[CandidateT]):
     max_finetunes: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_finetunes, bool) or not isinstance(self.max_finetunes, int) \
-                or self.max_finetunes < 1:
-            raise ValueError(f"max_finetunes must be an integer of at least 1 but got {self.max_finetunes!r}.")
+        _check_limit(self.max_finetunes)
 
     def run(self, judge: Callable[[CandidateT], bool]) -> tuple[Verdict[CandidateT] | None,
                                                                  list[Verdict[CandidateT]]]:
@@ -93,7 +96,7 @@ class Selection(Generic[CandidateT]):
     max_finetunes: int
 
     def __post_init__(self) -> None:
-        Bisection(self.front, self.max_finetunes)  # the same check of max_finetunes
+        _check_limit(self.max_finetunes)
 
     def run(self, judge: Callable[[CandidateT], bool]) -> tuple[Verdict[CandidateT] | None,
                                                                  list[Verdict[CandidateT]]]:

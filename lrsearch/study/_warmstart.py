@@ -99,7 +99,7 @@ def warm_starts(decomposition: Decomposition, space: SearchSpace, cost: CostFn, 
     """Labelled allocations, cheapest-first within each family, without duplicates.
 
     The uniform family is the whole ladder of :func:`uniform_ranks`, labelled ``uniform@RANK``:
-    the selection after the search fine-tunes along it (see :func:`uniform_ladder`).
+    the selection after the search fine-tunes along it (``SearchResult.uniform``).
     """
     kept = kept_energy(decomposition, space)
     candidates = [(f"{GREEDY}{f:g}", greedy_allocation(space, kept, cost, fraction=f))
