@@ -342,7 +342,7 @@ def _compress(command: str, run: Any, module: Any, datamodule: Any, description:
     print(f"  budget      {spec.allowed} drop of {run.metric_name or 'accuracy'} on unseen data after fine-tuning"
           f" (search constraint before fine-tuning {spec.constraint})")
     print(f"  search      {trials}")
-    print(f"  fine-tune   up to {spec.max_finetunes} candidates (uniform-rank ladder, then front), {epochs} each"
+    print(f"  fine-tune   up to {spec.max_finetunes} candidates (uniform-rank ladder, descent, front), {epochs} each"
           + (", distilled from the original" if spec.finetune.distill else ""))
     print(f"  run folder  {layout.root}")
     print(f"  study       {redacted(search.storage_url)} (study {search.study_name!r}; "

@@ -205,7 +205,8 @@ def _ranks_section(r: Report, figures: _Figures) -> str:
 def _attempts_section(r: Report) -> str:
     if not r.attempts:
         return _note("No fine-tune attempts were recorded.")
-    families = {"uniform": "uniform-rank ladder", "front": "search's front"}
+    families = {"uniform": "uniform-rank ladder", "descent": "descent from the ladder's winner",
+                "front": "search's front"}
     rows = [(str(index + 1), _e(plain(a.trial)), _e(families.get(a.family or "", MISSING)),
              _flagged(a.search_drop, r.allowed_drop),
              _flagged(a.verify_drop, r.allowed_drop), _e(interval_text(a.interval) or MISSING),

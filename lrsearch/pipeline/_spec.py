@@ -76,7 +76,8 @@ class RunSpec:
             half the baseline metric: fine-tuning recovers most of a large drop) or a budget.
         run_dir: output folder; the same folder resumes its study; unset: lrsearch-runs/tune (in
             the callback: the Trainer's default_root_dir/lrsearch).
-        max_finetunes: candidates of the search's front fine-tuned at most while bisecting it.
+        max_finetunes: candidates fine-tuned at most while selecting (the uniform-rank ladder, the
+            descent from its winner, then the front; each bisected).
         select_fraction: share of the validation batches held out from the search, to accept or
             reject fine-tuned candidates (the wide search needs few samples).
         select_margin: a fine-tuned candidate holds when its drop plus this many standard errors
@@ -108,7 +109,7 @@ class RunSpec:
     budget: str | float = "0.5%"
     search_budget: str | float | None = AUTO
     run_dir: str | Path | None = None
-    max_finetunes: int = 6
+    max_finetunes: int = 5
     select_fraction: float = 0.75
     select_margin: float = 1.0
     max_samples: int | None = 20_000

@@ -39,10 +39,11 @@ from lrsearch.measure import (
 )
 from lrsearch.study._config import SearchConfig
 from lrsearch.study._dashboard import publish_plots
+from lrsearch.study._descent import DESCENT, allocation_of, descend
 from lrsearch.study._fingerprint import check_same_model
 from lrsearch.study._io_failures import storage_failures
 from lrsearch.study._objective import CONSTRAINT, Objective, PlanCosts
-from lrsearch.study._space import SearchSpace
+from lrsearch.study._space import Choice, SearchSpace
 from lrsearch.study._progress import SearchProgress
 from lrsearch.study._storage import check_file_storage, is_file_storage, open_storage, redacted, storage_lock
 from lrsearch.study._stored_table import store_latency_table, stored_latency_table
@@ -113,10 +114,36 @@ class SearchResult:
     latency_table: DeploymentLatency | None = field(default=None, repr=False)
     uniform: tuple[Candidate, ...] = field(default=(), repr=False)
     objective: str = "latency"
+    scorer: Callable[[str, Mapping[str, Choice]], Candidate | None] | None = field(
+        default=None, repr=False, compare=False)
 
     def cost(self, candidate: Candidate) -> float:
         """``candidate``'s value of the search's objective (latency, macs or params): what "cheaper" means."""
         return _cost_value(candidate, self.objective)
+
+    def descend(self, anchor: Candidate, *, points: int, ceiling: float | None = None,
+                drop: Callable[[Candidate], float] | None = None) -> tuple[Candidate, ...]:
+        """Up to ``points`` cheaper variants of ``anchor``, most cut first (:mod:`lrsearch.study._descent`).
+
+        Every variant is scored as a trial of the study after the search (its cost and
+        feasibility). ``drop`` orders the cuts and is what ``ceiling`` bounds: by default the
+        trial's own drop; the pipeline passes the drop of the factors fine-tuning starts from.
+        Empty when the result has no scorer (built by hand).
+        """
+        scorer = self.scorer
+        allocation = allocation_of(self.space, anchor.ranks, anchor.schemes)
+        if scorer is None or allocation is None or points < 1:
+            return ()
+        drop_of = drop or (lambda candidate: candidate.drop)
+
+        def figures(label: str, point: Mapping[str, Choice]) -> tuple[float, float] | None:
+            candidate = scorer(label, point)
+            return None if candidate is None else (self.cost(candidate), drop_of(candidate))
+
+        chain = descend(self.space, allocation, anchor_cost=self.cost(anchor), anchor_drop=drop_of(anchor),
+                        score=figures, label=f"{DESCENT}{anchor.trial}", points=points, ceiling=ceiling)
+        found = [scorer(DESCENT, point) for point in reversed(chain)]  # scored already: looked up, not run
+        return tuple(candidate for candidate in found if candidate is not None)
 
     def build(self, candidate: Candidate | None = None) -> nn.Module:
         """The compressed model of ``candidate`` (default: the best), from the cached factors."""
@@ -241,7 +268,8 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
                               baseline=baseline.value, budget=budget, allowed_drop=allowed, best=best,
                               pareto=tuple(pareto), dense=dense, space=space, decomposition=decomposition,
                               latency_table=table, uniform=tuple(_uniform_ladder(feasible, space)),
-                              objective=config.objective)
+                              objective=config.objective,
+                              scorer=_Scorer(study, objective, space, config.study_name, storage_url))
         atomic_write_json(run_dir / "search-result.json", result.to_dict())
         return result
 
@@ -309,6 +337,47 @@ def _bisect(study: optuna.Study, space: SearchSpace, bisection: GreedyBisection,
         if not optimize(1) or not ran:
             return
         bisection.observe(fraction, allocation, _feasible(ran[-1]))
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """Scores one allocation after the search as a trial of its study (a finished twin is reused, not rerun).
+
+    Returns the candidate if it is feasible, else None. Warm starts that a small ``n_trials``
+    left enqueued run first (Optuna takes the oldest waiting trial), and count as trials.
+    Ctrl-C and storage failures end it as they end the search.
+    """
+
+    study: optuna.Study
+    objective: Objective
+    space: SearchSpace
+    study_name: str
+    storage_url: str
+
+    def __call__(self, label: str, allocation: Mapping[str, Choice]) -> Candidate | None:
+        params = self.space.params(allocation)
+        key = SearchSpace.key(params)
+        with _resume_hint(self.study_name, self.storage_url), storage_failures(self.storage_url):
+            if not self._has(key, TrialState.COMPLETE, TrialState.PRUNED):
+                if not self._has(key, TrialState.WAITING):
+                    self.study.enqueue_trial(params, user_attrs={"warm_start": label})
+                waiting = len(self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+                ctrl_c = _CtrlC(self.objective)
+                with _no_traceback_for_interrupts(), ctrl_c.handling():
+                    for _ in range(waiting):
+                        self.study.optimize(ctrl_c, n_trials=1, callbacks=[ctrl_c.stop_if_requested],
+                                            catch=(RuntimeError, FloatingPointError, EvaluationError))
+                        if ctrl_c.requested or self._has(key, TrialState.COMPLETE, TrialState.PRUNED):
+                            break
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
+            return _feasible_candidates(self.study).get(key)
+
+    def _has(self, key: tuple[tuple[str, str], ...], *states: TrialState) -> bool:
+        """Whether a trial in ``states`` has this configuration (a waiting one holds it as fixed params)."""
+        trials = self.study.get_trials(deepcopy=False, states=states)
+        return any(SearchSpace.key(trial.params or trial.system_attrs.get("fixed_params", {})) == key
+                   for trial in trials)
 
 
 def _feasible(trial: FrozenTrial) -> bool:

@@ -6,6 +6,7 @@ import json
 import types
 from pathlib import Path
 
+import optuna
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -160,12 +161,52 @@ def test_a_failed_candidate_moves_the_selection_dearer(tmp_path: Path, monkeypat
     assert attempts[1]["family"] == "uniform" and ladder.index(attempts[1]["trial"]) > ladder.index(attempts[0]["trial"])
     assert result.meets_budget and result.candidate.trial in [a["trial"] for a in attempts if a["meets_budget"]]
     held = [a for a in attempts if a["meets_budget"]]
-    by_trial = {c.trial: c for c in (*result.search.uniform, *result.search.pareto)}
+    study = optuna.load_study(study_name=result.search.study_name, storage=result.search.storage)
+    macs = {t.number: t.user_attrs.get("macs") for t in study.trials}
     rung = min((a for a in attempts[:2] if a["meets_budget"]), key=lambda a: ladder.index(a["trial"]))
-    for later in attempts[2:]:  # then the front, only what is cheaper than the rung that held
-        assert later["trial"] in [c.trial for c in result.search.pareto]
-        assert result.search.cost(by_trial[later["trial"]]) < result.search.cost(by_trial[rung["trial"]])
-    assert result.candidate.trial == min(held, key=lambda a: result.search.cost(by_trial[a["trial"]]))["trial"]
+    for later in attempts[2:]:  # then the descent and the front, only what is cheaper than the rung that held
+        assert later["family"] in ("descent", "front")
+        if later["family"] == "front":
+            assert later["trial"] in [c.trial for c in result.search.pareto]
+        assert macs[later["trial"]] < macs[rung["trial"]]
+    assert result.candidate.trial == min(held, key=lambda a: macs[a["trial"]])["trial"]
+
+
+def test_a_descent_from_the_ladders_winner_can_win(tmp_path: Path, monkeypatch) -> None:
+    """Fine-tuning breaks a model with two layers at rank 8: the ladder stops at 16, one layer at 8 holds."""
+    real = _compress.finetune
+    tuned_ranks: list[list[int]] = []
+
+    def fake(module, **kwargs):
+        ranks = sorted(m.rank for m in module.modules() if isinstance(m, lrsearch.LowRankLinear))
+        tuned_ranks.append(ranks)
+        tuned = real(module, **kwargs)
+        if sum(rank <= 8 for rank in ranks) >= 2:
+            with torch.no_grad():
+                for parameter in tuned.parameters():
+                    parameter.zero_()
+        return tuned
+
+    monkeypatch.setattr(_compress, "finetune", fake)
+    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_finetunes=4,
+                                   search={**FAST["search"], "n_trials": 12}, finetune=FAST["finetune"])
+    _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    attempts = result.report["attempts"]
+    families = [a["family"] for a in attempts]
+    assert families[:2] == ["uniform", "uniform"] and "descent" in families
+    assert families == sorted(families, key=["uniform", "descent", "front"].index)
+    assert len(attempts) == len(tuned_ranks) <= 4
+    assert result.meets_budget and result.report["final"]["trial"] == attempts[families.index("descent")]["trial"]
+    assert sum(rank <= 8 for rank in result.ranks.values()) == 1       # one layer cut below the ladder's rank
+    study = optuna.load_study(study_name=result.search.study_name, storage=result.search.storage)
+    assert study.trials[result.candidate.trial].user_attrs["macs"] == result.candidate.macs  # a trial of the study
+    assert any(str(t.user_attrs.get("warm_start", "")).startswith("descent@") for t in study.trials)
+    rungs = {c.trial: c for c in result.search.uniform}
+    winner = min((rungs[a["trial"]] for a in attempts if a["family"] == "uniform" and a["meets_budget"]),
+                 key=lambda c: c.macs)
+    assert result.candidate.macs < winner.macs
+    assert result.report["timing"]["descent_size"] >= 1
 
 
 def test_none_holds_is_reported_plainly(tmp_path: Path, monkeypatch) -> None:

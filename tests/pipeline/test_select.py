@@ -140,3 +140,53 @@ def test_when_no_rung_holds_the_whole_front_is_open() -> None:
 def test_selection_limit_is_validated() -> None:
     with pytest.raises(ValueError, match="max_finetunes"):
         Selection(LADDER, [], _cost, max_finetunes=0)
+
+
+def _descent(calls: list, costs: tuple[int, ...] = (300, 290, 280)):
+    """A descent that records what it was given and offers ``costs`` below the winner, most cut first."""
+    def descend(winner, failed, points):
+        calls.append((winner, failed, points))
+        return [("descent", winner[1], cost) for cost in sorted(costs)][:points]
+    return descend
+
+
+def test_the_descent_follows_the_ladder_and_starts_from_its_winner() -> None:
+    calls: list = []
+    tried: list = []
+    best, verdicts = Selection(LADDER, [("front", 0, 100)], _cost, max_finetunes=6, descend=_descent(calls)).run(
+        _recording(lambda c: c[2] >= 290 if c[0] != "uniform" else c[1] >= 32, tried))
+    (winner, failed, points), = calls
+    assert winner == ("uniform", 32, 320) and failed == ("uniform", 24, 240)   # the next narrower rung failed
+    families = [c[0] for c in tried]
+    assert points == 2 ** (6 - families.count("uniform")) - 1                  # what the fine-tunes left can bisect
+    assert families == sorted(families, key=["uniform", "descent", "front"].index)
+    assert best is not None and best.candidate == ("descent", 32, 290)          # cheaper than the rung, and held
+    assert len(verdicts) <= 6
+
+
+def test_a_descent_that_never_holds_leaves_the_ladders_winner() -> None:
+    tried: list = []
+    best, _ = Selection(LADDER, [], _cost, max_finetunes=6, descend=_descent([])).run(
+        _recording(lambda c: c[0] == "uniform" and c[1] >= 48, tried))
+    assert best is not None and best.candidate == ("uniform", 48, 480)
+    assert any(c[0] == "descent" for c in tried)
+
+
+def test_no_descent_without_a_winner_or_without_fine_tunes_left() -> None:
+    calls: list = []
+    Selection(LADDER, [], _cost, max_finetunes=6, descend=_descent(calls)).run(_recording(lambda c: False, []))
+    assert calls == []
+    Selection(LADDER, [], _cost, max_finetunes=1, descend=_descent(calls)).run(_recording(lambda c: True, []))
+    assert calls == []                        # the one fine-tune went to the ladder
+
+
+def test_a_descent_point_already_judged_is_not_fine_tuned_again() -> None:
+    tried: list = []
+
+    def descend(winner, failed, points):
+        return [failed, ("descent", 0, 300)]    # the failed rung again, then a new point
+
+    best, _ = Selection(LADDER, [], _cost, max_finetunes=6, descend=descend).run(
+        _recording(lambda c: c[0] == "descent" or c[1] >= 32, tried))
+    assert len(tried) == len(set(tried))      # _recording asserts it too
+    assert best is not None and best.candidate == ("descent", 0, 300)
