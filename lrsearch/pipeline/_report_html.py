@@ -116,7 +116,10 @@ def _comparison(r: Report) -> str:
     budget = _e(f"budget {r.budget}")
     interval = interval_text(attempt.interval) if attempt else ""
     rows = [
-        (r.on(r.search_split or "search"), percent(dense.search_metric), percent(figures.search_metric), ""),
+        (r.on(r.search_split or "search"), percent(dense.search_metric), percent(figures.search_metric),
+         "compressed before fine-tuning"),
+        (r.on(r.select_split or "select"), percent(dense.select_metric), percent(figures.select_metric),
+         "compressed after fine-tuning"),
         (r.on(r.verify_split or "verify"), percent(dense.verify_metric), percent(figures.verify_metric), ""),
         ("Parameters", _si(dense.params), _si(figures.params), _share(figures.params, dense.params)),
         ("MACs per sample", _si(dense.macs), _si(figures.macs), _share(figures.macs, dense.macs)),

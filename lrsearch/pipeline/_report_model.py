@@ -60,6 +60,7 @@ class ModelFigures:
     latency_ms: float | None = None
     predicted_latency_ms: float | None = None
     search_metric: float | None = None
+    select_metric: float | None = None
     verify_metric: float | None = None
 
     @classmethod
@@ -143,6 +144,7 @@ class Report:
     trials_recorded: bool
     front: tuple[int, ...]
     search_split: str | None
+    select_split: str | None
     verify_split: str | None
     threads: int | None
     batch_size: int | None
@@ -190,7 +192,8 @@ class Report:
             counts=TrialCounts(*count_values) if None not in count_values else None,  # type: ignore[arg-type]
             trials=tuple(trials), unplotted=unplotted, trials_recorded=isinstance(report.get("trials"), list),
             front=tuple(front),
-            search_split=_text_or_none(splits.get("search")), verify_split=_text_or_none(splits.get("verify")),
+            search_split=_text_or_none(splits.get("search")), select_split=_text_or_none(splits.get("select")),
+            verify_split=_text_or_none(splits.get("verify")),
             threads=_integer(report.get("threads")), batch_size=_integer(report.get("batch_size")),
             settings=tuple((k, str(v)) for k, v in settings if v is not None),
             paths={str(k): str(v) for k, v in _section(report, "paths").items()})
@@ -230,9 +233,9 @@ class Report:
         return ranks_figure(rows, title=f"Ranks of trial {plain(self.final.attempt.trial)}")
 
     def search_sentence(self) -> str:
-        """How many trials the search ran and how they ended; empty when the report does not say."""
+        """How many trials the study ran (the search's and the descent's) and how they ended; empty when unknown."""
         if self.counts is not None:
-            return "The search ran " + self.counts.sentence()
+            return "The study ran " + self.counts.sentence()
         if not self.trials_recorded:
             return ""
         return (f"The search recorded {len(self.trials) + self.unplotted} complete trials "

@@ -52,7 +52,10 @@ def render_text(report: Mapping[str, Any], *, run_dir: str | os.PathLike[str] | 
     rows = [
         ("", "original", "compressed", ""),
         (r.on(r.verify_split or "verify"), percent(dense.verify_metric), percent(figures.verify_metric), verify_note),
-        (r.on(r.search_split or "search"), percent(dense.search_metric), percent(figures.search_metric), ""),
+        (r.on(r.select_split or "select"), percent(dense.select_metric), percent(figures.select_metric),
+         "compressed after fine-tuning"),
+        (r.on(r.search_split or "search"), percent(dense.search_metric), percent(figures.search_metric),
+         "compressed before fine-tuning"),
         ("parameters", _count(dense.params), _count(figures.params), ratio(dense.params, figures.params, "fewer")),
         ("MACs per sample", _count(dense.macs), _count(figures.macs), ratio(dense.macs, figures.macs, "fewer")),
         (f"latency ({batch}, measured)", ms(dense.latency_ms), ms(figures.latency_ms),

@@ -121,7 +121,7 @@ def test_summary_and_page_tell_the_same_story(written: tuple[dict[str, Any], Pat
     for sentence in (typed.headline(), typed.search_sentence(), *report["warnings"]):
         assert sentence in summary
         assert json.dumps(sentence)[1:-1].replace("<", "&lt;").replace(">", "&gt;") in page.replace("&#x27;", "'")
-    assert typed.search_sentence() == ("The search ran 56 trials: 40 complete, 15 stopped early (certain to exceed "
+    assert typed.search_sentence() == ("The study ran 56 trials: 40 complete, 15 stopped early (certain to exceed "
                                        "the budget), 1 failed; 3 of them repeated an earlier configuration and "
                                        "reused its result instead of being evaluated again.")
     assert "WARNING: Trial 12: the split is <small>; a larger verification split would tell." in summary
