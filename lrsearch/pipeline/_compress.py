@@ -105,8 +105,11 @@ def compress(module: nn.Module, spec: RunSpec | None = None, *, datamodule: Any 
 def run_compression(module: nn.Module, run: Run, *, inherited: Mapping[str, Any] | None = None,
                     **sources: Any) -> CompressionResult:
     """:func:`compress` of a resolved run; ``inherited``: Trainer settings the fine-tunes start from."""
+    inherited = dict(inherited or {})
+    # Fine-tunes show a bar only where the run and the Trainer it runs in both show theirs.
+    inherited["enable_progress_bar"] = run.spec.progress and inherited.get("enable_progress_bar", True)
     with run_console(verbose=run.spec.verbose), run_lock(run.layout.root):
-        return _Compression(module, run, inherited or {}).execute(sources)
+        return _Compression(module, run, inherited).execute(sources)
 
 
 class _Compression:

@@ -73,7 +73,9 @@ class FinetuneConfig:
         alpha: weight of distillation: (1 - alpha) * loss + alpha * term.
         accelerator: Lightning accelerator (auto, cpu, gpu, ...); unset: the accelerator of the
             Trainer the callback runs in, else auto.
-        progress: show Lightning's progress bar while a candidate is fine-tuned.
+        progress: show Lightning's progress bar while a candidate is fine-tuned; unset: shown
+            when the run shows its own progress and, under the callback, the Trainer it runs in
+            shows a progress bar (a user who turned bars off for a log file gets none from us).
         limit_val_batches: fraction (float) or number (int) of validation batches per epoch.
         trainer: more keyword arguments of the fine-tuning Trainer (precision, devices, logger,
             callbacks, ...); they win over what the callback inherits from its own Trainer.
@@ -86,7 +88,7 @@ class FinetuneConfig:
     temperature: float = 2.0
     alpha: float = 0.5
     accelerator: str | None = None
-    progress: bool = True
+    progress: bool | None = None
     limit_val_batches: float | int = 1.0
     trainer: dict[str, Any] | None = None
 
@@ -98,7 +100,8 @@ class FinetuneConfig:
         check_positive("temperature", self.temperature)
         check_unit_interval("alpha", self.alpha)
         check_distill(self.distill)
-        check_bool("progress", self.progress)
+        if self.progress is not None:
+            check_bool("progress", self.progress)
         if self.accelerator is not None and not (isinstance(self.accelerator, str) and self.accelerator):
             raise OptionError(f"accelerator must be a non-empty string such as 'auto' but got {self.accelerator!r}.")
         if is_int(self.limit_val_batches):
@@ -140,14 +143,15 @@ def check_trainer_options(namespace: ModuleType, options: Mapping[str, Any] | No
 
 
 def parent_settings(trainer: Any) -> dict[str, Any]:
-    """What a fine-tune inherits from the Trainer it runs in: its device, precision and loggers.
+    """What a fine-tune inherits from the Trainer it runs in: its device, precision, loggers and progress bar.
 
     Only global rank zero fine-tunes, so a multi-device Trainer passes on the one device that
     rank uses rather than its device count.
     """
     device = trainer.strategy.root_device
     settings: dict[str, Any] = {"accelerator": device.type, "precision": trainer.precision,
-                                "devices": [device.index] if device.index is not None else 1}
+                                "devices": [device.index] if device.index is not None else 1,
+                                "enable_progress_bar": trainer.progress_bar_callback is not None}
     if trainer.loggers:
         settings["logger"] = list(trainer.loggers)
     return settings
@@ -211,7 +215,8 @@ def _trainer_arguments(namespace: ModuleType, config: FinetuneConfig, *, root_di
         "logger": False, "enable_checkpointing": False, "devices": 1, "accelerator": "auto",
         "enable_model_summary": False, **inherited,
         "default_root_dir": root_dir, "max_epochs": epochs, "max_steps": config.max_steps,
-        "enable_progress_bar": config.progress, "num_sanity_val_steps": 0,
+        "enable_progress_bar": inherited.get("enable_progress_bar", True) if config.progress is None
+        else config.progress, "num_sanity_val_steps": 0,
         "limit_val_batches": config.limit_val_batches}
     if config.accelerator is not None:
         arguments["accelerator"] = config.accelerator

@@ -100,7 +100,8 @@ class RunSpec:
         finetune_from: the factors a candidate's fine-tune starts from: svd (plain SVD at the
             candidate's ranks; on the MNIST-1D MLP it recovered 0.4-1.5 points more than
             whitened factors of the same ranks) or search (the search's own factors).
-        progress: show one progress bar over the search's trials.
+        progress: show one progress bar over the search's trials, and Lightning's during each
+            fine-tune unless finetune.progress says otherwise.
         verbose: also show Optuna's per-trial log lines and warnings and Lightning's messages.
         search: options of the rank search (lrsearch.SearchConfig).
         finetune: options of each candidate's fine-tune (lrsearch.FinetuneConfig).

@@ -26,6 +26,7 @@ class Probe(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.precision, self.loggers = trainer.precision, list(trainer.loggers)
         self.device = trainer.strategy.root_device.type
+        self.progress_bar = trainer.progress_bar_callback is not None
 
 
 class Inherit(pl.Callback):
@@ -56,7 +57,8 @@ def _tune(tmp_path: Path, config: FinetuneConfig, inherited: dict[str, Any], nam
 
 def test_the_parent_trainers_device_precision_and_loggers_are_inherited(tmp_path: Path) -> None:
     settings, logger = _parent(tmp_path)
-    assert settings == {"accelerator": "cpu", "precision": "bf16-mixed", "devices": 1, "logger": [logger]}
+    assert settings == {"accelerator": "cpu", "precision": "bf16-mixed", "devices": 1, "logger": [logger],
+                        "enable_progress_bar": False}
     probe = _tune(tmp_path, FinetuneConfig(**FAST), settings)
     assert probe.precision == "bf16-mixed" and probe.device == "cpu"
     assert [getattr(p, "inner", None) for p in probe.loggers] == [logger]
@@ -70,6 +72,19 @@ def test_finetune_trainer_options_win_over_the_inherited_ones(tmp_path: Path) ->
     settings, _ = _parent(tmp_path)
     probe = _tune(tmp_path, FinetuneConfig(**FAST, trainer={"precision": "32-true", "logger": False}), settings)
     assert probe.precision == "32-true" and probe.loggers == []
+
+
+@pytest.mark.parametrize(("progress", "inherited", "shown"), [
+    (None, {"enable_progress_bar": False}, False),  # the user turned bars off in the Trainer
+    (None, {"enable_progress_bar": True}, True),
+    (None, {}, True),
+    (True, {"enable_progress_bar": False}, True),   # an explicit choice wins
+    (False, {"enable_progress_bar": True}, False),
+])
+def test_the_fine_tunes_progress_bar_follows_the_parent_unless_set(
+        tmp_path: Path, progress: bool | None, inherited: dict[str, Any], shown: bool) -> None:
+    probe = _tune(tmp_path, FinetuneConfig(**{**FAST, "progress": progress}), inherited, name=None)
+    assert probe.progress_bar is shown
 
 
 def test_without_a_parent_the_fine_tune_logs_nothing(tmp_path: Path) -> None:

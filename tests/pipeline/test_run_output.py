@@ -1,5 +1,6 @@
 """The callback path as a user sees it: one search bar, no warnings of lrsearch's own Optuna calls,
-the budget read once, and each candidate's fine-tune logged to the user's own logger under its trial.
+the budget read once, each candidate's fine-tune logged to the user's own logger under its trial,
+and no fine-tune progress bar when the user's Trainer shows none.
 
 One real ``Trainer.fit`` with ``RankSearch`` (tiny module, MACs objective), shared by the tests.
 """
@@ -26,27 +27,38 @@ from tests.reliability._lit import TinyClassifier, TinyData
 pytestmark = pytest.mark.slow
 
 
+class BarProbe(pl.Callback):
+    """Records whether each fit it joins shows a progress bar."""
+
+    def __init__(self) -> None:
+        self.shown: list[bool] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.shown.append(trainer.progress_bar_callback is not None)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("output")
     capture = pytest.MonkeyPatch()
     torch.manual_seed(0)
     logger = CSVLogger(root / "logs", name="fit")
-    err = io.StringIO()
+    err, probe = io.StringIO(), BarProbe()
     capture.setattr(sys, "stderr", err)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # 0.2 is a plain fraction above 0.1: parse_budget warns about it, once per parse.
             callback = lrsearch.RankSearch(0.2, run_dir=root / "lrs", search={"n_trials": 6, "objective": "macs"},
-                                           finetune={"epochs": 1, "progress": False}, max_finetunes=2)
+                                           finetune={"epochs": 1, "trainer": {"callbacks": [probe]}},
+                                           max_finetunes=2)
             trainer = pl.Trainer(max_epochs=2, logger=logger, enable_progress_bar=False, enable_model_summary=False,
                                  enable_checkpointing=False, default_root_dir=root, accelerator="cpu",
                                  callbacks=[callback])
             trainer.fit(TinyClassifier(), datamodule=TinyData())
     finally:
         capture.undo()
-    return {"callback": callback, "stderr": err.getvalue(), "warnings": caught, "logger": logger}
+    return {"callback": callback, "stderr": err.getvalue(), "warnings": caught, "logger": logger, "bars": probe.shown}
 
 
 def test_one_search_bar_with_the_best_cost_and_its_unit(fitted) -> None:
@@ -71,3 +83,8 @@ def test_each_fine_tune_logs_to_the_trainers_logger_under_its_trial(fitted) -> N
         columns = set(next(csv.reader(handle)))
     assert {f"trial{trial}/val_acc" for trial in trials} <= columns, columns
     assert "val_acc" in columns  # the user's own run is still there
+
+
+def test_the_fine_tunes_show_no_progress_bar_when_the_users_trainer_shows_none(fitted) -> None:
+    assert fitted["bars"] == [False] * len(fitted["callback"].result.report["attempts"]), fitted["bars"]
+    assert fitted["bars"]
