@@ -27,7 +27,6 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-import lrsearch
 from lrsearch._argv import (
     CONFIG_DIR,
     UsageError,
@@ -329,6 +328,7 @@ def _run_job(command: str, parser: Any, args: Any) -> int:
 
 
 def _compress(command: str, run: Any, module: Any, datamodule: Any, description: str) -> int:
+    from lrsearch.pipeline._compress import run_compression
     from lrsearch.pipeline._report import render_text
     from lrsearch.study._storage import redacted
 
@@ -348,7 +348,7 @@ def _compress(command: str, run: Any, module: Any, datamodule: Any, description:
     print(f"  study       {redacted(search.storage_url)} (study {search.study_name!r}; "
           f"view: {PROG} dashboard {layout.root})\n", flush=True)
     started = time.perf_counter()
-    result = lrsearch.compress(module, spec, datamodule=datamodule)
+    result = run_compression(module, run, datamodule=datamodule, announce=False)
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(render_text(result.report, run_dir=layout.root))
     return EXIT_OK if result.meets_budget else EXIT_MISSED

@@ -43,6 +43,7 @@ from lrsearch.pipeline._outcome import (
     standard_error,
 )
 from lrsearch.pipeline._report import write_report
+from lrsearch.pipeline._report_text import outcome_line
 from lrsearch.pipeline._select import Selection
 from lrsearch.pipeline._spec import Run, RunSpec
 from lrsearch.study import Candidate, SearchResult
@@ -103,13 +104,20 @@ def compress(module: nn.Module, spec: RunSpec | None = None, *, datamodule: Any 
 
 
 def run_compression(module: nn.Module, run: Run, *, inherited: Mapping[str, Any] | None = None,
-                    **sources: Any) -> CompressionResult:
-    """:func:`compress` of a resolved run; ``inherited``: Trainer settings the fine-tunes start from."""
+                    announce: bool = True, **sources: Any) -> CompressionResult:
+    """:func:`compress` of a resolved run; ``inherited``: Trainer settings the fine-tunes start from.
+
+    ``announce`` ends the run's lines with its outcome and where the report went (the CLI, which
+    prints the whole summary instead, turns it off).
+    """
     inherited = dict(inherited or {})
     # Fine-tunes show a bar only where the run and the Trainer it runs in both show theirs.
     inherited["enable_progress_bar"] = run.spec.progress and inherited.get("enable_progress_bar", True)
     with run_console(verbose=run.spec.verbose), run_lock(run.layout.root):
-        return _Compression(module, run, inherited).execute(sources)
+        result = _Compression(module, run, inherited).execute(sources)
+        if announce:
+            _logger.info("%s The report: %s", outcome_line(result.report), result.paths["report_html"])
+        return result
 
 
 class _Compression:
@@ -144,6 +152,10 @@ class _Compression:
                                   descend=self.descend).run(self.judge)
             selected = next((a for a in self.attempts if chosen is not None and a.candidate is chosen.candidate), None)
             selected_at = time.perf_counter()
+            if selected is not None:
+                split = "the test split" + ("" if data.test_split == "test" else f" ({data.test_split})")
+                _logger.info("verifying trial %d on %s, looked at once; then timing it against the original in "
+                             "interleaved rounds", selected.candidate.trial, split)
             report, final = build_report(self.module, run, result, data, base_select=self.base_select.value,
                                          selected=selected, attempts=self.attempts, metric_name=self.metric_name,
                                          coverage=covered.to_dict())

@@ -22,11 +22,17 @@ from lrsearch.pipeline._report_model import (
     times,
 )
 
-__all__ = ["render_text"]
+__all__ = ["outcome_line", "render_text"]
 
 PROG = "lrsearch"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+
+
+def outcome_line(report: Mapping[str, Any]) -> str:
+    """The run's outcome in one line: whether the budget held on the test split, and by how much."""
+    r = Report.from_dict(report)
+    return f"{'MEETS THE BUDGET' if r.meets_budget else 'DOES NOT MEET THE BUDGET'} {r.budget}: {r.headline()}"
 
 
 def render_text(report: Mapping[str, Any], *, run_dir: str | os.PathLike[str] | None = None) -> str:
@@ -37,8 +43,7 @@ def render_text(report: Mapping[str, Any], *, run_dir: str | os.PathLike[str] | 
     r = Report.from_dict(report)
     dense, final = r.dense or ModelFigures(), r.final
     figures = final.figures if final else ModelFigures()
-    status = "MEETS THE BUDGET" if r.meets_budget else "DOES NOT MEET THE BUDGET"
-    lines = [f"{status} {r.budget}: {r.headline()}"]
+    lines = [outcome_line(report)]
     lines += [f"WARNING: {warning}" for warning in r.warnings]
     lines += ["", *([f"  {r.search_sentence()}", ""] if r.search_sentence() else [])]
     verify_note = f"allowed drop {points(r.allowed_drop)}"

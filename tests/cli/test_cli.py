@@ -24,6 +24,7 @@ import yaml
 
 import lrsearch
 from lrsearch import cli
+from lrsearch.pipeline import _compress
 from tests.cli._bars import search_bars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,18 +260,19 @@ def test_exit_status_1_when_no_configuration_holds(monkeypatch, tmp_path: Path, 
               "attempts": [{"trial": 3, "select_drop": 0.02}], "paths": {"study": "sqlite:///x.db"}}
     calls: dict[str, Any] = {}
 
-    def fake_compress(module, spec, **kwargs):
-        calls.update(kwargs, spec=spec)
+    def fake_run_compression(module, run, **kwargs):
+        calls.update(kwargs, spec=run.spec)
         return lrsearch.CompressionResult(meets_budget=False, model=None, candidate=None, report=report,
                                           paths={"report": tmp_path / "report.json"}, search=None)
 
-    monkeypatch.setattr(lrsearch, "compress", fake_compress)
+    monkeypatch.setattr(_compress, "run_compression", fake_run_compression)
     status = cli.main(["tune", "--run_dir", str(tmp_path / "run"), "--search_budget", "2%", "--max_finetunes", "2",
                        "--search.objective", "macs", "--finetune.distill", "false"])
     out = capsys.readouterr().out
     assert status == 1
     assert "DOES NOT MEET THE BUDGET 0.5%" in out and "tried after fine-tuning: trial 3" in out and "HINT" in out
     spec = calls["spec"]
+    assert calls["announce"] is False  # the summary says it all: no outcome line before it
     assert spec.search_budget == "2%" and spec.max_finetunes == 2 and str(spec.allowed) == "0.5%"
     assert str(spec.constraint) == "2%" and spec.run_dir == str(tmp_path / "run")
     # The Python defaults, not copies of them that could drift: threads None is torch's setting.

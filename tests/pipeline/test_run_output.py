@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +28,17 @@ from tests.reliability._lit import TinyClassifier, TinyData
 pytestmark = pytest.mark.slow
 
 
+class Lines(logging.Handler):
+    """lrsearch's lines as they are logged (under pytest they go to logging, not to stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 class BarProbe(pl.Callback):
     """Records whether each fit it joins shows a progress bar."""
 
@@ -43,7 +55,11 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     capture = pytest.MonkeyPatch()
     torch.manual_seed(0)
     logger = CSVLogger(root / "logs", name="fit")
-    err, probe = io.StringIO(), BarProbe()
+    err, probe, lines = io.StringIO(), BarProbe(), Lines()
+    own = logging.getLogger("lrsearch")
+    level = own.level
+    own.addHandler(lines)
+    own.setLevel(logging.INFO)
     capture.setattr(sys, "stderr", err)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -58,7 +74,10 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             trainer.fit(TinyClassifier(), datamodule=TinyData())
     finally:
         capture.undo()
-    return {"callback": callback, "stderr": err.getvalue(), "warnings": caught, "logger": logger, "bars": probe.shown}
+        own.removeHandler(lines)
+        own.setLevel(level)
+    return {"callback": callback, "stderr": err.getvalue(), "warnings": caught, "logger": logger, "bars": probe.shown,
+            "lines": lines.messages}
 
 
 def test_one_search_bar_with_the_best_cost_and_its_unit(fitted) -> None:
@@ -88,3 +107,14 @@ def test_each_fine_tune_logs_to_the_trainers_logger_under_its_trial(fitted) -> N
 def test_the_fine_tunes_show_no_progress_bar_when_the_users_trainer_shows_none(fitted) -> None:
     assert fitted["bars"] == [False] * len(fitted["callback"].result.report["attempts"]), fitted["bars"]
     assert fitted["bars"]
+
+
+def test_the_run_ends_with_its_outcome_and_where_the_report_is(fitted) -> None:
+    """The callback prints no summary, so its last line says how the run ended; before the verdict, what runs."""
+    lines = fitted["lines"]
+    result = fitted["callback"].result
+    status = "MEETS THE BUDGET" if result.meets_budget else "DOES NOT MEET THE BUDGET"
+    assert lines[-1].startswith(f"{status} 20%: "), lines[-1]
+    assert lines[-1].endswith(f"The report: {result.paths['report_html']}"), lines[-1]
+    if result.report["final"]:
+        assert lines[-2].startswith(f"verifying trial {result.report['final']['trial']} on the test split"), lines
