@@ -159,6 +159,11 @@ class _Compression:
             report, final = build_report(self.module, run, result, data, base_select=self.base_select.value,
                                          selected=selected, attempts=self.attempts, metric_name=self.metric_name,
                                          coverage=covered.to_dict())
+            kept = report.final["trial"] if final is not None and report.final else None
+            result.publish_outcome(
+                metric=self.metric_name, budget=str(spec.allowed), budget_drop=report.allowed_drop, final=kept,
+                final_note=f"kept: fine-tuned, verified once on {data.test_split}",
+                outcome=outcome_line(report.to_dict()))
             report.timing = {"search_seconds": searched_at - started, "selection_seconds": selected_at - searched_at,
                              "finetunes": len(self.attempts), "max_finetunes": spec.max_finetunes,
                              "descent_seconds": self.descent_seconds, "descent_size": len(self.descent),

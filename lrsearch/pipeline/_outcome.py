@@ -101,6 +101,7 @@ class Report:
     trial_counts: dict[str, int]
     pareto: list[int]
     coverage: dict[str, Any] | None = None
+    search_allowed_drop: float | None = None
     message: str = ""
     meets_budget: bool = False
     final: dict[str, Any] | None = None
@@ -115,7 +116,8 @@ class Report:
         """The ``report.json`` dict; keys without a value (no final model) are left out."""
         data: dict[str, Any] = {"lrsearch_version": __version__, **{
             name: getattr(self, name) for name in (
-                "created", "budget", "search_budget", "metric", "allowed_drop", "objective", "meets_budget",
+                "created", "budget", "search_budget", "search_allowed_drop", "metric", "allowed_drop", "objective",
+                "meets_budget",
                 "device", "threads", "batch_size", "dense", "splits", "layer_order", "warnings", "trials",
                 "trial_counts", "pareto", "message", "timing", "paths")}}
         data["attempts"] = [attempt.to_dict() for attempt in self.attempts]
@@ -188,7 +190,8 @@ def build_report(module: nn.Module, run: Run, result: SearchResult, data: Pipeli
     if table is not None:
         dense["predicted_latency_ms"] = table.dense_model * 1e3
     report = Report(
-        budget=str(spec.allowed), search_budget=str(result.budget), metric=metric_name,
+        budget=str(spec.allowed), search_budget=str(result.budget), search_allowed_drop=result.allowed_drop,
+        metric=metric_name,
         allowed_drop=spec.allowed.allowed_drop(base_select), objective=config.objective, device=config.device,
         threads=threads, batch_size=sizes[0],
         dense=dense, attempts=attempts, splits={**data.describe(), "verify": data.test_split}, layer_order=list(result.decomposition.targets),

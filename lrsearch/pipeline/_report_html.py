@@ -132,9 +132,10 @@ def _comparison(r: Report) -> str:
          times(final.predicted_speedup if final else None), ""),
     ]
     cells = [tuple(_e(cell) for cell in row) for row in rows]
-    cells[2:2] = [  # the drops, flagged when over the budget
-        ("Drop on the search split", MISSING, _flagged(attempt.search_drop if attempt else None, r.allowed_drop),
-         budget),
+    constraint, constraint_drop = r.constraint()
+    cells[2:2] = [  # the drops, each flagged when over what it is held to
+        ("Drop on the search split, before fine-tuning", MISSING,
+         _flagged(attempt.search_drop if attempt else None, constraint_drop), _e(f"the search's constraint {constraint}")),
         ("Drop on the verify split", MISSING, _flagged(attempt.verify_drop if attempt else None, r.allowed_drop),
          budget + (_e(f"; 95 % interval {interval}") if interval else ""))]
     head = f"Final (trial {attempt.trial})" if attempt and attempt.trial is not None else "Final"
@@ -185,8 +186,10 @@ def _search_section(r: Report, figures: _Figures) -> str:
         return sentence + _note("No complete search trials were recorded, so there is no Pareto plot.")
     title, _ = cost_axis(r.objective)
     feasible = sum(1 for t in r.trials if t.feasible)
-    caption = (f"Drawn: {len(r.trials)} complete trials, {feasible} within the budget on the search split; the "
-               f"green line is the front of the trials within the budget. Cost: {title}")
+    constraint, _ = r.constraint()
+    caption = (f"Drawn: {len(r.trials)} complete trials, {feasible} within the search's constraint {constraint} on "
+               f"the search split, before fine-tuning; the green line is their front. The budget {r.budget} is what "
+               f"a fine-tuned candidate must hold on the selection and test splits. Cost: {title}")
     caption += ", the latency table's prediction for trials and dense model alike." if r.objective == "latency" else "."
     if r.counts and r.counts.pruned:
         caption += f" {stopped_note(r.counts.pruned)}."
@@ -211,7 +214,7 @@ def _attempts_section(r: Report) -> str:
     families = {"uniform": "uniform-rank ladder", "descent": "descent from the ladder's winner",
                 "front": "search's front"}
     rows = [(str(index + 1), _e(plain(a.trial)), _e(families.get(a.family or "", MISSING)),
-             _flagged(a.search_drop, r.allowed_drop),
+             _flagged(a.search_drop, r.constraint()[1]),
              _flagged(a.verify_drop, r.allowed_drop), _e(interval_text(a.interval) or MISSING),
              {True: "yes", False: "no"}.get(a.meets_budget, MISSING),
              f"<code>{_e(ranks_text(a.ranks, r.layers))}</code>")

@@ -130,6 +130,8 @@ class Report:
 
     budget: str
     allowed_drop: float | None
+    search_budget: str | None  # the search's constraint before fine-tuning
+    search_allowed_drop: float | None
     metric: str
     objective: str
     meets_budget: bool
@@ -181,7 +183,8 @@ class Report:
                     ("lrsearch version", report.get("lrsearch_version")))
         warnings = report.get("warnings")
         return cls(
-            budget=budget, allowed_drop=allowed, metric=metric, objective=objective,
+            budget=budget, allowed_drop=allowed, search_budget=_text_or_none(report.get("search_budget")),
+            search_allowed_drop=_number(report.get("search_allowed_drop")), metric=metric, objective=objective,
             meets_budget=report.get("meets_budget") is True,
             warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
             dense=ModelFigures.from_dict(dense) if dense else None,
@@ -217,13 +220,22 @@ class Report:
         return (f"No configuration kept its drop of {verify} within the budget {self.budget} "
                 f"({points(self.allowed_drop)}) after fine-tuning{tried}; nothing was saved as compressed.")
 
+    def constraint(self) -> tuple[str, float]:
+        """The search's constraint before fine-tuning and its allowed drop; a report written before
+        lrsearch recorded it falls back to the budget."""
+        if self.search_budget is not None and self.search_allowed_drop is not None:
+            return self.search_budget, self.search_allowed_drop
+        return self.budget, self.allowed_drop or 0.0
+
     def pareto_figure(self) -> go.Figure:
         """The trials' cost against drop, the recorded feasible front, the budget and the dense model's cost."""
         dense = self.dense or ModelFigures()
         dense_cost = {"latency": dense.predicted_latency_ms, "macs": dense.macs, "params": dense.params}.get(
             self.objective)
-        return pareto_figure(self.trials, front=set(self.front), allowed_drop=self.allowed_drop or 0.0,
-                             budget=self.budget, cost_title=cost_axis(self.objective)[0], metric=self.metric,
+        constraint, constraint_drop = self.constraint()
+        return pareto_figure(self.trials, front=set(self.front), constraint=constraint, constraint_drop=constraint_drop,
+                             budget=self.budget, budget_drop=self.allowed_drop,
+                             cost_title=cost_axis(self.objective)[0], metric=self.metric,
                              dense_cost=dense_cost, final=self.final.attempt.trial if self.final else None)
 
     def ranks_figure(self) -> go.Figure:

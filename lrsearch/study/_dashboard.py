@@ -93,13 +93,18 @@ def serve_dashboard(storage: BaseStorage, *, host: str = "127.0.0.1", port: int 
         server.serve_forever()
 
 
-def publish_plots(study: optuna.Study, *, objective: str, metric: str, budget: str, allowed_drop: float,
-                  front: Sequence[int], dense_cost: float | None, full_ranks: Mapping[str, Any]) -> list[str]:
+def publish_plots(study: optuna.Study, *, objective: str, metric: str, constraint: str, constraint_drop: float,
+                  front: Sequence[int], dense_cost: float | None, full_ranks: Mapping[str, Any],
+                  budget: str | None = None, budget_drop: float | None = None, final: int | None = None,
+                  final_note: str = "") -> list[str]:
     """Save the Pareto and per-layer rank figures (:mod:`lrsearch.study._figures`) into the study.
 
-    ``front`` is the feasible Pareto set by trial number, cheapest first (``SearchResult.pareto``);
-    its first trial's ranks are charted. ``dense_cost`` is the dense model's cost in the study's
-    unit (for latency, the table's prediction). Returns the ids saved: none when plotly or
+    ``front`` is the feasible Pareto set by trial number, cheapest first (``SearchResult.pareto``).
+    The ranks charted are those of ``final`` (the trial the pipeline kept, described by
+    ``final_note``) or else of the front's first trial, which is only the search's cheapest within
+    its ``constraint``, before fine-tuning. ``budget`` and ``budget_drop``: the drop allowed after
+    fine-tuning, drawn beside the constraint. ``dense_cost`` is the dense model's cost in the
+    study's unit (for latency, the table's prediction). Returns the ids saved: none when plotly or
     optuna-dashboard is not installed (the ``dashboard`` extra), which the search does not need.
     """
     try:
@@ -111,15 +116,18 @@ def publish_plots(study: optuna.Study, *, objective: str, metric: str, budget: s
         return []
     title, scale = cost_axis(objective)
     stopped = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
-    pareto = pareto_figure(points, front=set(front), allowed_drop=allowed_drop, budget=budget, cost_title=title,
-                           metric=metric, dense_cost=None if dense_cost is None else dense_cost * scale,
+    pareto = pareto_figure(points, front=set(front), constraint=constraint, constraint_drop=constraint_drop,
+                           budget=budget, budget_drop=budget_drop, cost_title=title, metric=metric,
+                           dense_cost=None if dense_cost is None else dense_cost * scale, final=final,
                            note=stopped_note(stopped))
     saved = [save_plotly_graph_object(study, pareto, graph_object_id=PARETO_ID)]
-    if front:
-        best = study.get_trials(deepcopy=False)[front[0]]
-        rows = list(rank_rows(best.user_attrs.get("ranks", {}), full_ranks, list(full_ranks)))
-        figure = ranks_figure(rows, title=f"Ranks of trial {best.number}",
-                              subtitle="the cheapest trial within the budget")
+    charted, subtitle = ((final, final_note) if final is not None else
+                         (front[0] if front else None,
+                          f"the search's cheapest trial within its constraint {constraint}, before fine-tuning"))
+    if charted is not None:
+        trial = study.get_trials(deepcopy=False)[charted]
+        rows = list(rank_rows(trial.user_attrs.get("ranks", {}), full_ranks, list(full_ranks)))
+        figure = ranks_figure(rows, title=f"Ranks of trial {trial.number}", subtitle=subtitle)
         saved.append(save_plotly_graph_object(study, figure, graph_object_id=RANKS_ID))
     return saved
 

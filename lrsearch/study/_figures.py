@@ -4,10 +4,11 @@ The dashboard gets them through ``optuna_dashboard.save_plotly_graph_object`` (s
 :mod:`lrsearch.study._dashboard`), ``report.html`` embeds them (see
 :mod:`lrsearch.pipeline._report`); both pass the same rows, so they cannot disagree.
 
-- :func:`pareto_figure`: every finished trial's cost against its accuracy drop. Trials within the
-  budget and over it have their own marker and colour (never a colour scale that fades to white);
-  the line is the *feasible* front, exactly the trials of ``SearchResult.pareto``; the budget is a
-  line, and the dense model's cost a reference. Latency is the latency table's prediction for
+- :func:`pareto_figure`: every finished trial's cost against its accuracy drop before fine-tuning.
+  Trials within the search's constraint and over it have their own marker and colour (never a
+  colour scale that fades to white); the line is the *feasible* front, exactly the trials of
+  ``SearchResult.pareto``; the constraint and the final budget are lines, and the dense model's
+  cost a reference. Latency is the latency table's prediction for
   trials and dense model alike, so the two are on one scale.
 - :func:`ranks_figure`: each layer's chosen rank against its full rank.
 """
@@ -25,6 +26,7 @@ __all__ = ["RankRow", "TrialPoint", "cost_axis", "feasible_front", "pareto_figur
            "stopped_note"]
 
 WITHIN, OVER, FRONT, FINAL, DENSE_GREY, FULL_GREY = "#1f77b4", "#d62728", "#2ca02c", "#ff9f1c", "#7f7f7f", "#e6e6e6"
+BUDGET = "#9467bd"
 _COST_AXES = {"latency": ("predicted latency (ms)", 1e3), "macs": ("MACs per sample", 1.0),
               "params": ("parameters", 1.0)}
 
@@ -87,11 +89,15 @@ def stopped_note(stopped: int) -> str:
     return f"Not drawn: {stopped} trial{'s' if stopped != 1 else ''} stopped early, certain to exceed the budget"
 
 
-def pareto_figure(points: Sequence[TrialPoint], *, front: Collection[int], allowed_drop: float, budget: str,
-                  cost_title: str, metric: str, dense_cost: float | None = None,
+def pareto_figure(points: Sequence[TrialPoint], *, front: Collection[int], constraint: str,
+                  constraint_drop: float, cost_title: str, metric: str, budget: str | None = None,
+                  budget_drop: float | None = None, dense_cost: float | None = None,
                   final: int | None = None, note: str = "") -> go.Figure:
-    """Cost vs drop (in points) of ``points``; ``front`` names the feasible Pareto trials by number.
+    """Cost vs drop before fine-tuning (in points) of ``points``; ``front`` names the feasible Pareto trials.
 
+    Feasible means within the search's ``constraint`` (``constraint_drop``), which is drawn; the
+    final ``budget`` (``budget_drop``, what holds after fine-tuning) is drawn too when it differs,
+    so a trial 40 points down is never called "within budget" beside a 0.5-point budget line.
     ``dense_cost`` (same unit as the costs) draws the dense model as a vertical reference line;
     ``final`` marks the trial that was kept; ``note`` is a line under the title (what is not drawn).
     """
@@ -105,26 +111,31 @@ def pareto_figure(points: Sequence[TrialPoint], *, front: Collection[int], allow
                                     customdata=[p.number for p in chosen], hovertemplate=hover, **style))
 
     on_front = sorted((p for p in points if p.number in front and p.feasible), key=lambda p: (p.cost, p.drop))
-    scatter([p for p in points if p.feasible and p.number not in front], mode="markers", name="within budget",
+    scatter([p for p in points if p.feasible and p.number not in front], mode="markers",
+            name=f"within the search's constraint {constraint}",
             marker={"color": WITHIN, "symbol": "circle", "size": 8, "opacity": 0.75})
-    scatter([p for p in points if not p.feasible], mode="markers", name="over budget",
+    scatter([p for p in points if not p.feasible], mode="markers", name=f"over the search's constraint {constraint}",
             marker={"color": OVER, "symbol": "x", "size": 8, "opacity": 0.75})
     scatter(on_front, mode="lines+markers", name="feasible front", line={"color": FRONT, "shape": "hv"},
             marker={"color": FRONT, "symbol": "diamond", "size": 10, "line": {"width": 1, "color": "black"}})
     scatter([p for p in points if p.number == final], mode="markers", name=f"kept (trial {final})",
             marker={"color": FINAL, "symbol": "star", "size": 18, "line": {"width": 1, "color": "black"}})
     costs = [p.cost for p in points] + ([dense_cost] if dense_cost is not None else [])
-    drops = [100 * p.drop for p in points] + [100 * allowed_drop, 0.0]
+    lines = [(f"search constraint {constraint} ({100 * constraint_drop:.2f} points)", constraint_drop, "black")]
+    if budget is not None and budget_drop is not None and budget_drop != constraint_drop:
+        lines.append((f"budget {budget} after fine-tuning ({100 * budget_drop:.2f} points)", budget_drop, BUDGET))
+    drops = [100 * p.drop for p in points] + [100 * drop for _, drop, _ in lines] + [0.0]
     if costs:
-        figure.add_trace(go.Scatter(x=[min(costs), max(costs)], y=[100 * allowed_drop] * 2, mode="lines",
-                                    name=f"budget {budget} ({100 * allowed_drop:.2f} points)", hoverinfo="skip",
-                                    line={"color": "black", "dash": "dash", "width": 1.5}))
+        for name, drop, color in lines:
+            figure.add_trace(go.Scatter(x=[min(costs), max(costs)], y=[100 * drop] * 2, mode="lines", name=name,
+                                        hoverinfo="skip", line={"color": color, "dash": "dash", "width": 1.5}))
     if dense_cost is not None:
         figure.add_trace(go.Scatter(x=[dense_cost] * 2, y=[min(drops), max(drops)], mode="lines",
                                     name="dense model", hoverinfo="skip",
                                     line={"color": DENSE_GREY, "dash": "dot", "width": 1.5}))
     title = "Cost against accuracy drop" + (f"<br><sup>{note}</sup>" if note else "")
-    return _layout(figure, title=title, xaxis=cost_title, yaxis=f"{metric} drop (points)", height=480)
+    return _layout(figure, title=title, xaxis=cost_title, yaxis=f"{metric} drop before fine-tuning (points)",
+                   height=480)
 
 
 def rank_rows(ranks: Mapping[str, Any], full: Mapping[str, Any], names: Sequence[str]) -> Iterator[RankRow]:

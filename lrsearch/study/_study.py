@@ -145,6 +145,24 @@ class SearchResult:
         found = [scorer(DESCENT, point) for point in reversed(chain)]  # scored already: looked up, not run
         return tuple(candidate for candidate in found if candidate is not None)
 
+    def publish_outcome(self, *, metric: str, budget: str, budget_drop: float, final: int | None,
+                        final_note: str = "", outcome: str = "") -> list[str]:
+        """Tell the study's dashboard what the pipeline chose: the figures redrawn with every trial (the
+        descent's too), the final budget beside the search's constraint and the kept trial's ranks;
+        ``outcome`` (one line) and the kept trial as study user attributes.
+        """
+        with storage_failures(self.storage):
+            study = optuna.load_study(study_name=self.study_name,
+                                      storage=open_storage(self.storage, heartbeat_interval=None))
+            if outcome:
+                study.set_user_attr(ATTR + "outcome", outcome)
+                study.set_user_attr(ATTR + "kept_trial", final)
+            return publish_plots(study, objective=self.objective, metric=metric, constraint=str(self.budget),
+                                 constraint_drop=self.allowed_drop, budget=budget, budget_drop=budget_drop,
+                                 front=[c.trial for c in self.pareto], dense_cost=self.dense.get(self.objective),
+                                 full_ranks={name: self.decomposition.full_rank(name) for name in self.space.layers},
+                                 final=final, final_note=final_note)
+
     def build(self, candidate: Candidate | None = None) -> nn.Module:
         """The compressed model of ``candidate`` (default: the best), from the cached factors."""
         candidate = candidate or self.best
@@ -261,7 +279,7 @@ def search(model: nn.Module, data: Iterable[Any], config: SearchConfig | None = 
         pareto = _feasible_pareto(feasible, config.objective)
         best = pareto[0] if pareto else None
         publish_plots(study, objective=config.objective, metric=metric_name or baseline.metric_name,
-                      budget=str(budget), allowed_drop=allowed, front=[c.trial for c in pareto],
+                      constraint=str(budget), constraint_drop=allowed, front=[c.trial for c in pareto],
                       dense_cost=dense.get(config.objective),
                       full_ranks={name: decomposition.full_rank(name) for name in space.layers})
         result = SearchResult(study_name=config.study_name, storage=storage_url, run_dir=run_dir,

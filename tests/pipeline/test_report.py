@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import re
 import subprocess
@@ -177,11 +178,28 @@ def test_the_pareto_figure_draws_the_recorded_feasible_front(written: tuple[dict
     assert list(named["feasible front"].customdata) == [24, 12]  # as recorded, cheapest first
     feasible = {t["number"] for t in report["trials"] if t["feasible"]}
     assert set(named["feasible front"].customdata) <= feasible
-    assert set(named["over budget"].customdata).isdisjoint(feasible)
+    assert set(named["over the search's constraint 0.5%"].customdata).isdisjoint(feasible)
     assert list(named["dense model"].x) == [2.002, 2.002]  # the predicted dense latency: the trials' scale
     assert figure.layout.xaxis.title.text == "predicted latency (ms)"
-    assert figure.layout.yaxis.title.text == "accuracy drop (points)"
+    assert figure.layout.yaxis.title.text == "accuracy drop before fine-tuning (points)"
     assert list(named["kept (trial 12)"].customdata) == [12]
+
+
+def test_a_wide_search_constraint_is_named_as_such_and_a_drop_before_fine_tuning_is_held_to_it() -> None:
+    """With search_budget auto the search allows 25 points before fine-tuning: the page must not call a
+    trial 20 points down "within budget" beside the 0.5 % budget, nor flag it red against that budget."""
+    report = full_report()
+    report.update(search_budget="25%", search_allowed_drop=0.25)
+    report["final"]["search_drop"] = report["attempts"][1]["search_drop"] = 0.2
+    named = {trace.name: trace for trace in Report.from_dict(report).pareto_figure().data}
+    assert "search constraint 25% (25.00 points)" in named and "budget 0.5% after fine-tuning (0.50 points)" in named
+    assert "within the search's constraint 25%" in named
+    page = html.unescape(prose(render_html(report)))
+    assert "Drop on the search split, before fine-tuning" in page and "the search's constraint 25%" in page
+    assert '<span class="over">20.00 points</span>' not in page and "20.00 points" in page
+    assert "within the search's constraint 25% on the search split, before fine-tuning" in page
+    report["final"]["search_drop"] = 0.3  # over the constraint (by hand): flagged
+    assert '<span class="over">30.00 points</span>' in render_html(report)
 
 
 def test_without_a_recorded_front_the_same_definition_is_applied() -> None:

@@ -118,3 +118,38 @@ def test_the_run_ends_with_its_outcome_and_where_the_report_is(fitted) -> None:
     assert lines[-1].endswith(f"The report: {result.paths['report_html']}"), lines[-1]
     if result.report["final"]:
         assert lines[-2].startswith(f"verifying trial {result.report['final']['trial']} on the test split"), lines
+
+
+def test_the_dashboard_figures_are_redrawn_with_the_outcome(fitted) -> None:
+    """After the selection the study's figures show every trial (the descent's too), the budget after
+    fine-tuning beside the search's constraint, and the kept trial's ranks, not the search's cheapest."""
+    import json
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from lrsearch.study._dashboard import PARETO_ID, RANKS_ID, dashboard_app
+    from lrsearch.study._storage import open_storage
+    from tests.study.test_dashboard import study_answer
+
+    result = fitted["callback"].result
+    storage = open_storage(result.search.storage, heartbeat_interval=None)
+    answer = study_answer(dashboard_app(storage), storage, result.search.study_name)
+    figures = {item["id"]: json.loads(item["graph_object"]) for item in answer["plotly_graph_objects"]}
+    pareto = {trace["name"]: trace for trace in figures[PARETO_ID]["data"]}
+    study = optuna.load_study(study_name=result.search.study_name, storage=storage)
+    complete = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    drawn = {n for name, trace in pareto.items() if "customdata" in trace and not name.startswith("kept")
+             for n in trace["customdata"]}
+    assert drawn == complete
+    assert any(name.startswith("budget 20% after fine-tuning") for name in pareto), list(pareto)
+    assert any(name.startswith("search constraint ") for name in pareto), list(pareto)
+    assert study.user_attrs["lrsearch:outcome"].startswith("MEETS THE BUDGET 20%" if result.meets_budget
+                                                           else "DOES NOT MEET THE BUDGET 20%")
+    assert study.user_attrs["lrsearch:kept_trial"] == (result.candidate.trial if result.meets_budget else None)
+    ranks_title = figures[RANKS_ID]["layout"]["title"]["text"]
+    if result.meets_budget:
+        assert pareto[f"kept (trial {result.candidate.trial})"]["customdata"] == [result.candidate.trial]
+        assert ranks_title.startswith(f"Ranks of trial {result.candidate.trial}") and "kept" in ranks_title
+    else:
+        assert "before fine-tuning" in ranks_title
