@@ -153,3 +153,13 @@ def test_the_dashboard_figures_are_redrawn_with_the_outcome(fitted) -> None:
         assert ranks_title.startswith(f"Ranks of trial {result.candidate.trial}") and "kept" in ranks_title
     else:
         assert "before fine-tuning" in ranks_title
+
+
+def test_a_run_without_progress_shows_no_fine_tune_bar(tmp_path: Path) -> None:
+    """``progress=False`` (``--progress false``: a log file, CI) reaches the fine-tunes' Trainers too."""
+    probe = BarProbe()
+    torch.manual_seed(0)
+    lrsearch.compress(TinyClassifier(), budget=0.2, run_dir=tmp_path / "run", datamodule=TinyData(), progress=False,
+                      search={"n_trials": 4, "objective": "macs"}, max_finetunes=1,
+                      finetune={"epochs": 1, "accelerator": "cpu", "trainer": {"callbacks": [probe]}})
+    assert probe.shown == [False]
