@@ -73,11 +73,16 @@ class Attempt:
     holds: bool
     seconds: float
     family: str = "front"
-    """Where the selection took it from: "uniform" (the uniform-rank ladder) or "front" (the search's front)."""
+    """Where the selection took it from: "uniform" (the ladder), "descent" or "front" (the search's front)."""
+    start: str = "svd"
+    """The factors its fine-tune started from: "svd" (plain SVD) or "search" (the search's own)."""
+    start_drop: float | None = None
+    """Their drop on the search split, before fine-tuning."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"trial": self.candidate.trial, "family": self.family, "ranks": _jsonable(self.candidate.ranks),
-                "search_drop": self.candidate.drop, "select_drop": self.drop, "select_drop_interval": self.interval,
+                "search_drop": self.candidate.drop, "start": self.start, "start_drop": self.start_drop,
+                "select_drop": self.drop, "select_drop_interval": self.interval,
                 "meets_budget": self.holds, "finetune_seconds": self.seconds}
 
 

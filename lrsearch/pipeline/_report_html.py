@@ -213,13 +213,17 @@ def _attempts_section(r: Report) -> str:
         return _note("No fine-tune attempts were recorded.")
     families = {"uniform": "uniform-rank ladder", "descent": "descent from the ladder's winner",
                 "front": "search's front"}
+    starts = {"svd": "plain SVD", "search": "the search's factors"}
     rows = [(str(index + 1), _e(plain(a.trial)), _e(families.get(a.family or "", MISSING)),
              _flagged(a.search_drop, r.constraint()[1]),
+             _e(f"{starts.get(a.start or '', a.start or MISSING)}"
+                + (f", {drop_cell(a.start_drop)}" if a.start_drop is not None else "")),
              _flagged(a.verify_drop, r.allowed_drop), _e(interval_text(a.interval) or MISSING),
              {True: "yes", False: "no"}.get(a.meets_budget, MISSING),
              f"<code>{_e(ranks_text(a.ranks, r.layers))}</code>")
             for index, a in enumerate(r.attempts)]
-    return _table(["#", "Trial", "From", "Drop (search, before fine-tuning)", "Drop (selection split)",
+    return _table(["#", "Trial", "From", "Drop (search, before fine-tuning)", "Fine-tune started from",
+                   "Drop (selection split)",
                    "95 % interval (selection split)", "Held", "Ranks"], rows)
 
 

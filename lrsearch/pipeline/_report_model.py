@@ -79,14 +79,17 @@ class Attempt:
     interval: tuple[float, float] | None
     meets_budget: bool | None
     family: str | None = None
+    start: str | None = None  # the factors the fine-tune started from: "svd" or "search"
+    start_drop: float | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Attempt:
         ranks = data.get("ranks")
         held = data.get("meets_budget")
-        family = data.get("family")
+        family, start = data.get("family"), data.get("start")
         return cls(trial=_integer(data.get("trial")), ranks=ranks if isinstance(ranks, Mapping) else {},
                    family=family if isinstance(family, str) else None,
+                   start=start if isinstance(start, str) else None, start_drop=_number(data.get("start_drop")),
                    search_drop=_number(data.get("search_drop")),
                    # The final model's drop is its test verdict; a fine-tuned attempt's is its selection score.
                    verify_drop=_number(data.get("verify_drop", data.get("select_drop"))),

@@ -39,7 +39,7 @@ __all__ = ["AUTO", "FINETUNE_FROM", "Run", "RunSpec", "search_constraint"]
 AUTO = "auto"
 # Where a fine-tune's factors come from. Whitened factors approximate the trained model best, so
 # the search scores with them; plain SVD factors fine-tune better (benchmarks/README.md).
-FINETUNE_FROM = ("svd", "search")
+FINETUNE_FROM = ("auto", "svd", "search")
 # With search_budget="auto" the search may lose this many times the final budget before
 # fine-tuning. Fine-tuning recovers most of a large drop (a uniform rank-32 MNIST-1D MLP: a
 # 5.25-point drop became -0.80 points), and the selection bisects the front, so a wide front
@@ -99,7 +99,10 @@ class RunSpec:
             to scheme.
         finetune_from: the factors a candidate's fine-tune starts from: svd (plain SVD at the
             candidate's ranks; on the MNIST-1D MLP it recovered 0.4-1.5 points more than
-            whitened factors of the same ranks) or search (the search's own factors).
+            whitened factors of the same ranks), search (the search's own factors), or auto:
+            plain SVD until a fine-tune from it ends further down than the search's factors
+            started, then the search's (on all-MiniLM-L6-v2 a short fine-tune from plain SVD
+            lost ground).
         progress: show one progress bar over the search's trials, and Lightning's during each
             fine-tune unless finetune.progress says otherwise.
         verbose: also show Optuna's per-trial log lines and warnings and Lightning's messages.
@@ -122,7 +125,7 @@ class RunSpec:
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
     conv_scheme: str | dict[str, str] = "channel"
-    finetune_from: str = "svd"
+    finetune_from: str = "auto"
     progress: bool = True
     verbose: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)

@@ -360,3 +360,50 @@ def test_fine_tunes_start_from_the_factors_asked_for(tmp_path: Path, monkeypatch
     assert state.keys() == expected.state_dict().keys()
     assert all(torch.allclose(state[k], v, atol=1e-5) for k, v in expected.state_dict().items())
     assert not all(torch.allclose(state[k], v, atol=1e-5) for k, v in other.state_dict().items())
+
+
+def _starts_follow_the_rule(attempts: list[dict]) -> None:
+    """finetune_from="auto": once the start is the search's it stays so, and only after a plain-SVD
+    fine-tune that ended further down than its trial's search drop."""
+    starts = [attempt["start"] for attempt in attempts]
+    switched = starts.index("search") if "search" in starts else len(starts)
+    assert starts == ["svd"] * switched + ["search"] * (len(starts) - switched), starts
+    if switched < len(starts):
+        assert attempts[switched - 1]["select_drop"] > attempts[switched - 1]["search_drop"], attempts
+
+
+@pytest.mark.parametrize("ruin_the_first", [False, True])
+def test_auto_starts_from_plain_svd_until_a_fine_tune_from_it_loses_ground(
+        tmp_path: Path, monkeypatch, ruin_the_first: bool) -> None:
+    """The default ``finetune_from="auto"``. Ruined (its weights zeroed), the first fine-tune ends far below
+    where the search's factors started, so the next one starts from the search's factors."""
+    fake, started = _recording_finetune()
+    calls: list[int] = []
+
+    def finetune(module, **kwargs):
+        tuned = fake(module, **kwargs)
+        calls.append(1)
+        if ruin_the_first and len(calls) == 1:
+            with torch.no_grad():
+                for parameter in tuned.parameters():
+                    parameter.zero_()
+        return tuned
+
+    monkeypatch.setattr(_compress, "finetune", finetune)
+    callback = lrsearch.RankSearch("3%", run_dir=tmp_path / "lrs", max_finetunes=2, **FAST)
+    assert callback.spec.finetune_from == "auto"
+    module, _, _ = _fit(tmp_path, callback, datamodule=Data())
+    result = callback.result
+    attempts = result.report["attempts"]
+    assert attempts[0]["start"] == "svd"
+    _starts_follow_the_rule(attempts)
+    if ruin_the_first:
+        assert len(attempts) == 2 and attempts[1]["start"] == "search"
+        second = next(c for c in (*result.search.uniform, *result.search.pareto)
+                      if c.trial == attempts[1]["trial"])
+        expected = result.search.build(second).state_dict()
+        assert all(torch.allclose(started[1][k], v, atol=1e-5) for k, v in expected.items())
+    plain = lrsearch.Decomposition(module, method="svd")
+    first = next(c for c in (*result.search.uniform, *result.search.pareto) if c.trial == attempts[0]["trial"])
+    assert all(torch.allclose(started[0][k], v, atol=1e-5)
+               for k, v in plain.build(dict(first.ranks), schemes=first.schemes).state_dict().items())
