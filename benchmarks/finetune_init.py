@@ -5,7 +5,8 @@ with it; this measures which starting point fine-tuning recovers best from. For 
 (layer=rank, on the MNIST-1D MLP), both decompositions build the model, and
 ``lrsearch.pipeline.finetune`` with the default ``FinetuneConfig()`` fine-tunes it; the drop is
 scored on lrsearch's selection split (the last 75 % of validation), before and after.
-The result decided ``RunSpec.finetune_from="svd"``.
+On the MLP plain SVD won, which made it the start of ``RunSpec.finetune_from="auto"`` (the default),
+until a fine-tune from it loses ground (as on all-MiniLM-L6-v2).
 
     OMP_NUM_THREADS=1 python benchmarks/finetune_init.py            # about 5 min on 2 cores
 """

@@ -182,10 +182,10 @@ class _Compression:
         where = {"uniform": f"uniform-rank ladder of {len(self.result.uniform)}",
                  "descent": f"descent of {len(self.descent)}", "front": f"front of {len(self.result.pareto)}"}
         factors, start = self.start(candidate)
-        starts = (f"plain-SVD factors, drop {100 * self.svd_drop(candidate):.2f} points" if start == "svd" else
-                  f"the search's factors, drop {100 * candidate.drop:.2f} points")
-        _logger.info("fine-tuning trial %d (%d of at most %d; %s) from %s before fine-tuning", candidate.trial,
-                     len(self.attempts) + 1, self.spec.max_finetunes, where[family], starts)
+        _logger.info("fine-tuning trial %d (%d of at most %d; %s) from %s, drop %.2f points before fine-tuning",
+                     candidate.trial, len(self.attempts) + 1, self.spec.max_finetunes, where[family],
+                     "plain-SVD factors" if start == "svd" else "the search's factors",
+                     100 * self.start_drop(candidate))
         model = factors.build(dict(candidate.ranks), schemes=candidate.schemes)
         tuned = finetune(clone_module(model).train(), teacher=clone_module(self.module),
                          root_dir=layout.finetune(candidate.trial), config=self.spec.finetune,
@@ -193,7 +193,8 @@ class _Compression:
                          forward=self.spec.forward, inherited=self.inherited, name=f"trial{candidate.trial}")
         evaluation = self.selector.evaluate(tuned)
         drop = self.run.search.drop(self.base_select.value, evaluation.value)
-        margin = self.spec.select_margin * standard_error(self.base_select, evaluation)
+        error = standard_error(self.base_select, evaluation)
+        margin = self.spec.select_margin * error
         attempt = Attempt(candidate, tuned, evaluation, drop, drop_interval(self.base_select, evaluation),
                           drop + margin <= self.allowed_select, time.perf_counter() - begun, family,
                           start, self.start_drop(candidate))
@@ -202,8 +203,7 @@ class _Compression:
                      100 * drop, data.select_split, 100 * self.allowed_select,
                      "holds" if attempt.holds else "does not hold")
         # Further down by more than one standard error: a near-dense rung's noise does not switch the start.
-        if start == "svd" and self.spec.finetune_from == "auto" and \
-                drop - standard_error(self.base_select, evaluation) > candidate.drop:
+        if start == "svd" and self.spec.finetune_from == "auto" and drop - error > candidate.drop:
             self.plain_start_lost = True
             _logger.info("fine-tuned from plain-SVD factors, trial %d ended further down (%.2f points) than the "
                          "search's factors started (%.2f): the next candidates start from the search's factors",
@@ -231,8 +231,9 @@ class _Compression:
 
         ``finetune_from="auto"``: plain SVD until a fine-tune from it ends further down on the
         selection split, by more than a standard error, than the search's own factors started
-        (the trial's drop on the search split), then the search's factors. On the MNIST-1D MLP plain SVD recovered better even
-        from three times the drop; on all-MiniLM-L6-v2 a short fine-tune lost ground from it.
+        (the trial's drop on the search split), then the search's factors. On the MNIST-1D MLP
+        plain SVD recovered better even from three times the drop; on all-MiniLM-L6-v2 a short
+        fine-tune lost ground from it.
         """
         if self.starting is self.result.decomposition or self.plain_start_lost:
             return self.result.decomposition, "search"
